@@ -1,0 +1,59 @@
+# lars_tf: `make train` and `make test` are the two commands; everything installs itself.
+#
+# Variables (override on the command line, e.g. `make install GPU=1`):
+#   VENV        where the virtual environment lives (default .venv, ignored by git)
+#   PYTHON      the Python 3.11 interpreter that creates it (default python3.11)
+#   GPU=1       install the CUDA build of TensorFlow and build Horovod with NCCL
+#   TF_PACKAGE  the TensorFlow requirement itself (default tensorflow-cpu==2.21.*)
+#   PYTEST_ARGS extra pytest arguments, e.g. PYTEST_ARGS="-m 'not slow'"
+#   NP          Horovod processes for `make train` (default 2)
+
+VENV ?= .venv
+PYTHON ?= python3.11
+NP ?= 2
+ifeq ($(GPU),1)
+TF_PACKAGE ?= tensorflow[and-cuda]==2.21.*
+export HOROVOD_GPU_OPERATIONS ?= NCCL
+else
+TF_PACKAGE ?= tensorflow-cpu==2.21.*
+endif
+BIN := $(VENV)/bin
+
+.PHONY: help install test lint format train bench docker clean
+
+help:
+	@echo "make install  create $(VENV), install TensorFlow, lars_tf and Horovod (idempotent)"
+	@echo "make test     ruff + the whole pytest suite this machine supports"
+	@echo "make train    the demo: LARS at a large batch on Fashion-MNIST, 2 Horovod processes"
+	@echo "make bench    benchmarks, written to docs/benchmarks.md"
+	@echo "make docker   build the CPU Docker image lars-tf:cpu"
+
+install:
+	@VENV='$(VENV)' PYTHON='$(PYTHON)' TF_PACKAGE='$(TF_PACKAGE)' bash tools/install.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install
+	$(BIN)/ruff check .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+train: install
+	@test -f train.py || { echo "make train: train.py is not written yet (issue 6); nothing was trained" >&2; exit 2; }
+	PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh $(NP)
+
+bench: install
+	@test -f tools/bench.py || { echo "make bench: tools/bench.py is not written yet (issue 8)" >&2; exit 2; }
+	$(BIN)/python tools/bench.py --output docs/benchmarks.md
+
+docker:
+	@test -f docker/Dockerfile || { echo "make docker: docker/Dockerfile is not written yet (issue 7)" >&2; exit 2; }
+	docker build -t lars-tf:cpu -f docker/Dockerfile .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

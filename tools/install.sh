@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One-command install, used by `make install`, CI and the Docker image alike:
+#   1. a virtual environment at $VENV (default .venv) with Python 3.11, if missing;
+#   2. TensorFlow ($TF_PACKAGE: tensorflow-cpu by default, `tensorflow[and-cuda]` for GPUs);
+#   3. this package in editable mode with its extras ($EXTRAS, default "dev");
+#   4. Horovod built from source by tools/build_horovod.sh (cached wheel), then checked.
+# Idempotent: a stamp keyed by the inputs of the install makes a second run take about a second.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+TF_PACKAGE=${TF_PACKAGE:-tensorflow-cpu==2.21.*}
+EXTRAS=${EXTRAS:-dev}
+EDITABLE=${EDITABLE:-1}
+
+stamp_key=$(cat setup.cfg pyproject.toml tools/install.sh tools/build_horovod.sh \
+  | { cat; echo "$TF_PACKAGE $EXTRAS $EDITABLE ${HOROVOD_GPU_OPERATIONS:-}"; } | sha256sum | cut -c1-16)
+stamp="$VENV/.lars_tf-installed-$stamp_key"
+if [[ -f "$stamp" && -x "$VENV/bin/python" ]]; then
+  echo "install: $VENV is up to date ($stamp)"
+  exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  command -v "$PYTHON" >/dev/null || { echo "install: $PYTHON not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+  "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
+    echo "install: $PYTHON is not Python 3.11" >&2; exit 1; }
+  echo "install: creating $VENV with $("$PYTHON" --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+py="$VENV/bin/python"
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
+# pip install, minus the noise of index locations configured on some machines but absent here.
+pip_install() {
+  "${pip[@]}" "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
+echo "install: $TF_PACKAGE"
+pip_install "$TF_PACKAGE"
+echo "install: lars_tf[$EXTRAS]"
+if [[ "$EDITABLE" == 1 ]]; then pip_install -e ".[$EXTRAS]"; else pip_install ".[$EXTRAS]"; fi
+
+wheel=$(PYTHON="$py" tools/build_horovod.sh)
+echo "install: $(basename "$wheel")"
+pip_install "$wheel"
+
+# Fail loudly if Horovod came out without TensorFlow or Gloo (pip would not complain).
+TF_CPP_MIN_LOG_LEVEL=2 "$py" - <<'PY'
+import horovod.tensorflow as hvd
+assert hvd.gloo_built(), "Horovod was built without Gloo"
+hvd.init()
+assert hvd.size() == 1, hvd.size()
+print("install: horovod.tensorflow OK (gloo built, size 1)")
+PY
+rm -f "$VENV"/.lars_tf-installed-*
+touch "$stamp"
+echo "install: done"
