@@ -1,0 +1,459 @@
+"""LARS, Layer-wise Adaptive Rate Scaling (You, Gitman, Ginsburg 2017), as a Keras 3 optimizer.
+
+The math of one step lives in two pure functions, `local_learning_rate` and `lars_update`, that
+take and return tensors; `LARS` is the Keras shell around them: it validates its arguments, makes
+the per-variable slots once in `build`, decides per variable (at build time) whether it is decayed
+and adapted, and writes the result with `self.assign`. Everything is `keras.ops`, so the update
+runs eagerly, in a `tf.function` and under XLA (`jit_compile=True`) alike.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+STATISTICS = ("local_lr", "weight_norm", "grad_norm")
+
+
+def _l2_norm(x: Any) -> Any:
+    return ops.sqrt(ops.sum(ops.square(x)))
+
+
+def local_learning_rate(
+    weight_norm: Any,
+    grad_norm: Any,
+    *,
+    trust_coefficient: float,
+    weight_decay: float = 0.0,
+    epsilon: float = 0.0,
+    decayed_grad_norm: Any = None,
+    clip: bool = False,
+) -> Any:
+    """The local LR of one variable, eq. 6 of the paper, or one of its variants.
+
+    ```
+    paper (P):          local_lr = eta * ||w|| / (||g|| + beta * ||w|| + epsilon)
+    folded (G):         local_lr = eta * ||w|| / (||g + beta * w|| + epsilon)
+    either, when ||w|| == 0 or the norm in the denominator is 0:   local_lr = 1
+    clipped (LARC):     local_lr = min(local_lr, 1)
+    ```
+
+    The zero-norm rule uses `ops.where` rather than a Python branch so that it traces into one
+    graph (and compiles under XLA); the unused division is made safe so it never yields NaN.
+
+    Args:
+        weight_norm: `||w||`, a scalar tensor.
+        grad_norm: `||g||`, a scalar tensor. Its zero test applies to rule P only.
+        trust_coefficient: `eta`.
+        weight_decay: `beta` (0 for a variable excluded from decay).
+        epsilon: Added to the denominator.
+        decayed_grad_norm: `||g + beta * w||`. When given, the rule is G (the decay is folded
+            into the norm, as in TF Model Garden and optax) and `grad_norm` is not used.
+        clip: Apply the clip `min(local_lr, 1)`.
+
+    Returns:
+        The local LR, a scalar tensor of `weight_norm`'s dtype.
+    """
+    if decayed_grad_norm is None:
+        denominator_norm = grad_norm
+        denominator = grad_norm + weight_decay * weight_norm + epsilon
+    else:
+        denominator_norm = decayed_grad_norm
+        denominator = decayed_grad_norm + epsilon
+    adaptable = ops.logical_and(ops.greater(weight_norm, 0.0), ops.greater(denominator_norm, 0.0))
+    safe_denominator = ops.where(adaptable, denominator, ops.ones_like(denominator))
+    ratio = ops.where(
+        adaptable, trust_coefficient * weight_norm / safe_denominator, ops.ones_like(weight_norm)
+    )
+    if clip:
+        ratio = ops.minimum(ratio, ops.ones_like(ratio))
+    return ratio
+
+
+def lars_update(
+    direction: Any,
+    velocity: Any,
+    *,
+    learning_rate: Any,
+    local_lr: Any,
+    momentum: float,
+    nesterov: bool = False,
+    lr_outside_momentum: bool = False,
+) -> tuple[Any, Any]:
+    """One momentum step on the decayed gradient `direction = g + beta * w`.
+
+    ```
+    LR inside the momentum (paper, P):     v = m * v + gamma * local_lr * direction
+                                           w = w - v
+                   with Nesterov:          w = w - (m * v + gamma * local_lr * direction)
+    LR outside the momentum (P'):          v = m * v + local_lr * direction
+                                           w = w - gamma * v
+                   with Nesterov:          w = w - gamma * (m * v + local_lr * direction)
+    ```
+
+    Nesterov is Keras SGD's form (`w += m * v_new - lr * g` with `v` sign-flipped), applied to
+    the scaled step. With `momentum == 0` there is no buffer and `w = w - gamma * local_lr *
+    direction` in both placements.
+
+    Args:
+        direction: `g + beta * w`, already in the compute dtype.
+        velocity: The current momentum buffer `v` (compute dtype), or None when `momentum == 0`.
+        learning_rate: `gamma_t`, a scalar tensor.
+        local_lr: The local LR, a scalar tensor.
+        momentum: `m`.
+        nesterov: Use Nesterov momentum.
+        lr_outside_momentum: Keep `gamma_t` out of the buffer (P'): a change of the global LR
+            then rescales the whole history instead of new contributions only.
+
+    Returns:
+        `(update, new_velocity)`: the new weights are `w - update`; `new_velocity` is None
+        when `velocity` is None.
+    """
+    # The scalar product first: one multiply over the tensor instead of two.
+    scale = local_lr if lr_outside_momentum else learning_rate * local_lr
+    step = direction * scale
+    if velocity is None:
+        update = step
+        new_velocity = None
+    else:
+        new_velocity = velocity * momentum + step
+        update = new_velocity * momentum + step if nesterov else new_velocity
+    if lr_outside_momentum:
+        update = update * learning_rate
+    return update, new_velocity
+
+
+def _is_bn_or_bias(variable: Any) -> bool:
+    # Biases and the scale/offset of normalization layers are the rank <= 1 trainable variables
+    # of a CNN, so rank is the rule (optax's usual `ndim > 1` mask, MLPerf's exclusion set). A
+    # Keras variable holds no reference to its layer, and names can be anything; the rank
+    # catches a BatchNormalization's gamma and beta however its layer was named.
+    return len(variable.shape) <= 1
+
+
+def _validate_patterns(patterns: Sequence[str] | None, argument: str) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+        raise ValueError(
+            f"`{argument}` must be None or a list of regular expressions (strings). "
+            f"Received: {argument}={patterns!r}"
+        )
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(
+                f"`{argument}` must contain strings only. Received the element {pattern!r}"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"`{argument}` holds {pattern!r}, which is not a valid regular expression: {error}"
+            ) from error
+    return list(patterns)
+
+
+def _matches(patterns: Sequence[str] | None, variable: Any) -> bool:
+    if not patterns:
+        return False
+    names = {getattr(variable, "path", variable.name), variable.name}
+    return any(re.search(pattern, name) for pattern in patterns for name in names)
+
+
+def _number(value: Any, argument: str, *, minimum: float, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{argument}` must be a finite number. Received: {argument}={value!r}")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"`{argument}` must be {relation} {minimum}. Received: {argument}={value}")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="lars_tf")
+class LARS(keras.optimizers.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (LARS), the rule of You, Gitman and Ginsburg (2017).
+
+    Each variable (one "layer": a kernel and its bias each count as one) gets its own local
+    learning rate from the ratio of its weight norm to its gradient norm:
+
+    ```
+    local_lr = eta * ||w|| / (||g|| + beta * ||w|| + epsilon)     # eq. 6; 1 if ||w|| or ||g|| is 0
+    v        = m * v + gamma_t * local_lr * (g + beta * w)        # Algorithm 1
+    w        = w - v
+    ```
+
+    Symbols and arguments: `gamma_t` is `learning_rate` (a float or a schedule, evaluated at
+    every step), `m` is `momentum`, `beta` is `weight_decay`, `eta` is `trust_coefficient`,
+    `epsilon` is `epsilon`. Norms are L2 norms over the whole variable, computed in float32
+    (float64 for float64 variables) whatever the variable's dtype.
+
+    The defaults give the paper's rule exactly. Weight decay is coupled: it is added to the
+    gradient and enters the local LR's denominator; the Keras base class's decoupled decay is
+    never used (its `weight_decay` is None; beta is `coupled_weight_decay`). The global LR sits
+    inside the momentum buffer, so a schedule change only affects new contributions.
+
+    Options for the variants found in other libraries (all off by default):
+
+    - `decay_in_norm` (G, TF Model Garden / optax / SimCLR): `local_lr = eta * ||w|| /
+      (||g + beta * w|| + epsilon)`, and 1 when `||w||` or `||g + beta * w||` is 0.
+    - `lr_outside_momentum` (P', timm / Apex LARC / torchlars): `v = m * v + local_lr *
+      (g + beta * w)`, `w = w - gamma_t * v`.
+    - `clip_local_lr` (LARC clipping): `local_lr = min(local_lr, 1)`, so the effective LR of a
+      variable never exceeds the global one. (Apex's `LARC(clip=True)` instead takes
+      `min(eta * ratio, gamma_t)` as the effective LR, a different threshold.)
+    - `nesterov`: `w = w - (m * v + gamma_t * local_lr * (g + beta * w))` with `v` already
+      updated (Keras SGD's form); with `lr_outside_momentum`, `w = w - gamma_t * (m * v +
+      local_lr * (g + beta * w))`.
+
+    Exclusions are decided once per variable when the optimizer is built. A pattern is a
+    regular expression searched (`re.search`, so a plain substring such as `"bias"` works) in
+    the variable's `path` (e.g. `"conv1/kernel"`) and in its `name`. A variable excluded from
+    weight decay gets `beta = 0`, in the update and in the local LR; one excluded from layer
+    adaptation gets `local_lr = 1` (plain momentum SGD on it). `exclude_bn_and_bias=True`
+    excludes every variable of rank <= 1 (biases and the scale/offset of batch-norm and other
+    normalization layers) from both, as MLPerf's ResNet-50 LARS does. Keras' own method
+    `exclude_from_weight_decay(var_list=..., var_names=...)` is honoured too, if called before
+    the optimizer is built.
+
+    For logging, `layer_statistics()` exposes, per variable, the local LR, `||w||` and `||g||`
+    computed in the last update (with the gradient as LARS saw it: after loss-scale unscaling,
+    clipping, gradient accumulation and all-reduce), written during the update itself.
+
+    Example:
+
+    ```python
+    optimizer = LARS(learning_rate=schedule, momentum=0.9, weight_decay=5e-4,
+                     trust_coefficient=0.001, exclude_bn_and_bias=True)
+    model.compile(optimizer=optimizer, loss=loss)
+    ```
+
+    Args:
+        learning_rate: `gamma_t`: a float >= 0, a
+            `keras.optimizers.schedules.LearningRateSchedule`, or a zero-argument callable.
+        momentum: `m`, in [0, 1]. 0 keeps no momentum buffer.
+        weight_decay: `beta` >= 0, coupled as above. None means 0.
+        trust_coefficient: `eta` > 0 (0.001 in every experiment of the paper).
+        epsilon: >= 0, added to the local LR's denominator.
+        nesterov: Use Nesterov momentum.
+        exclude_from_weight_decay: Patterns of variables that get `beta = 0`.
+        exclude_from_layer_adaptation: Patterns of variables that get `local_lr = 1`.
+        exclude_bn_and_bias: Exclude every rank <= 1 variable from decay and adaptation.
+        decay_in_norm: Use rule G's local LR (decay folded into the gradient norm).
+        lr_outside_momentum: Use rule P' (global LR applied outside the momentum buffer).
+        clip_local_lr: Clip the local LR at 1 (LARC clipping).
+        name: The optimizer's name, which prefixes its variables.
+        **kwargs: The Keras base optimizer's keywords (`clipnorm`, `global_clipnorm`,
+            `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
+            `loss_scale_factor`, `gradient_accumulation_steps`).
+
+    Reference:
+        Y. You, I. Gitman, B. Ginsburg, "Large Batch Training of Convolutional Networks",
+        arXiv:1708.03888, 2017.
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float | None = 0.0,
+        trust_coefficient: float = 0.001,
+        epsilon: float = 0.0,
+        nesterov: bool = False,
+        exclude_from_weight_decay: Sequence[str] | None = None,
+        exclude_from_layer_adaptation: Sequence[str] | None = None,
+        exclude_bn_and_bias: bool = False,
+        decay_in_norm: bool = False,
+        lr_outside_momentum: bool = False,
+        clip_local_lr: bool = False,
+        name: str = "lars",
+        **kwargs: Any,
+    ):
+        if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
+            # The base class accepts floats only; `LARS(learning_rate=10)` is a natural call.
+            learning_rate = _number(learning_rate, "learning_rate", minimum=0.0)
+        # weight_decay=None: Keras' decoupled decay must never run; LARS applies beta itself,
+        # coupled (eq. 6), or decay would be applied twice.
+        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
+        self.momentum = _number(momentum, "momentum", minimum=0.0)
+        if self.momentum > 1.0:
+            raise ValueError(f"`momentum` must be <= 1. Received: momentum={momentum}")
+        self.coupled_weight_decay = _number(
+            0.0 if weight_decay is None else weight_decay, "weight_decay", minimum=0.0
+        )
+        self.trust_coefficient = _number(
+            trust_coefficient, "trust_coefficient", minimum=0.0, strict=True
+        )
+        self.epsilon = _number(epsilon, "epsilon", minimum=0.0)
+        for argument, value in (
+            ("nesterov", nesterov),
+            ("exclude_bn_and_bias", exclude_bn_and_bias),
+            ("decay_in_norm", decay_in_norm),
+            ("lr_outside_momentum", lr_outside_momentum),
+            ("clip_local_lr", clip_local_lr),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{argument}` must be a bool. Received: {argument}={value!r}")
+        self.nesterov = nesterov
+        self.exclude_bn_and_bias = exclude_bn_and_bias
+        self.decay_in_norm = decay_in_norm
+        self.lr_outside_momentum = lr_outside_momentum
+        self.clip_local_lr = clip_local_lr
+        # Private names: `exclude_from_weight_decay` is also a method of the base class.
+        self._weight_decay_exclusions = _validate_patterns(
+            exclude_from_weight_decay, "exclude_from_weight_decay"
+        )
+        self._adaptation_exclusions = _validate_patterns(
+            exclude_from_layer_adaptation, "exclude_from_layer_adaptation"
+        )
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Keras' method: exclude variables (objects or name patterns) from weight decay.
+
+        Adds to the constructor's `exclude_from_weight_decay` patterns; must be called before
+        the optimizer is built, since exclusions are decided at build time.
+        """
+        if self.built:
+            raise ValueError(
+                "`exclude_from_weight_decay()` must be called before the optimizer is built."
+            )
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def _decays(self, variable: Any) -> bool:
+        if self.exclude_bn_and_bias and _is_bn_or_bias(variable):
+            return False
+        if _matches(self._weight_decay_exclusions, variable):
+            return False
+        # The base class's record of `exclude_from_weight_decay(var_list, var_names)` calls.
+        return self._use_weight_decay(variable)
+
+    def _adapts(self, variable: Any) -> bool:
+        if self.exclude_bn_and_bias and _is_bn_or_bias(variable):
+            return False
+        return not _matches(self._adaptation_exclusions, variable)
+
+    def build(self, variables):
+        """Create the momentum buffers and the per-variable statistics, and fix exclusions.
+
+        Args:
+            variables: The model's trainable variables.
+        """
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = []
+        if self.momentum != 0:
+            self.momentums = self.add_optimizer_variables(variables, "momentum")
+        self._apply_decay = [self.coupled_weight_decay > 0 and self._decays(v) for v in variables]
+        self._apply_adaptation = [self._adapts(v) for v in variables]
+        self._statistic_paths = [getattr(v, "path", v.name) for v in variables]
+        self._local_lrs, self._weight_norms, self._grad_norms = [], [], []
+        for variable, path in zip(variables, self._statistic_paths, strict=True):
+            slots = [None] * 3
+            if not self._overwrite_variable_with_gradient(variable):
+                prefix = path.replace("/", "_")
+                slots = [
+                    self.add_variable(shape=(), dtype="float32", name=f"{prefix}_{statistic}")
+                    for statistic in STATISTICS
+                ]
+            self._local_lrs.append(slots[0])
+            self._weight_norms.append(slots[1])
+            self._grad_norms.append(slots[2])
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Apply one LARS step to `variable`."""
+        index = self._get_variable_index(variable)
+        # Norms of float16/bfloat16 variables overflow or lose precision: compute in float32.
+        is_float64 = keras.backend.standardize_dtype(variable.dtype) == "float64"
+        dtype = "float64" if is_float64 else "float32"
+        weight = ops.cast(variable, dtype)
+        gradient = ops.cast(ops.convert_to_tensor(gradient), dtype)
+        learning_rate = ops.cast(learning_rate, dtype)
+
+        weight_norm = _l2_norm(weight)
+        grad_norm = _l2_norm(gradient)
+        beta = self.coupled_weight_decay if self._apply_decay[index] else 0.0
+        # Skip `0 * w` for undecayed variables so they follow plain SGD bit for bit.
+        direction = gradient + beta * weight if beta else gradient
+        if self._apply_adaptation[index]:
+            local_lr = local_learning_rate(
+                weight_norm,
+                grad_norm,
+                trust_coefficient=self.trust_coefficient,
+                weight_decay=beta,
+                epsilon=self.epsilon,
+                decayed_grad_norm=_l2_norm(direction) if self.decay_in_norm else None,
+                clip=self.clip_local_lr,
+            )
+        else:
+            local_lr = ops.ones((), dtype=dtype)
+
+        velocity_slot = self.momentums[index] if self.momentum != 0 else None
+        update, new_velocity = lars_update(
+            direction,
+            None if velocity_slot is None else ops.cast(velocity_slot, dtype),
+            learning_rate=learning_rate,
+            local_lr=local_lr,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            lr_outside_momentum=self.lr_outside_momentum,
+        )
+        if velocity_slot is not None:
+            self.assign(velocity_slot, new_velocity)
+        self.assign_sub(variable, update)
+        self.assign(self._local_lrs[index], local_lr)
+        self.assign(self._weight_norms[index], weight_norm)
+        self.assign(self._grad_norms[index], grad_norm)
+
+    def layer_statistics(self) -> dict[str, dict[str, keras.Variable]]:
+        """The statistics of the last update, per trainable variable.
+
+        Returns:
+            `{variable.path: {"local_lr": v, "weight_norm": v, "grad_norm": v}}`, where each
+            `v` is a scalar float32 `keras.Variable` written by the last update (0 before the
+            first). `weight_norm` is `||w||` before the update and `grad_norm` the `||g||`
+            LARS used; `local_lr` is 1 for variables excluded from adaptation. Empty until the
+            optimizer is built.
+        """
+        if not self.built:
+            return {}
+        statistics = {}
+        for path, *slots in zip(
+            self._statistic_paths,
+            self._local_lrs,
+            self._weight_norms,
+            self._grad_norms,
+            strict=True,
+        ):
+            if slots[0] is not None:
+                statistics[path] = dict(zip(STATISTICS, slots, strict=True))
+        return statistics
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "weight_decay": self.coupled_weight_decay,
+                "trust_coefficient": self.trust_coefficient,
+                "epsilon": self.epsilon,
+                "nesterov": self.nesterov,
+                "exclude_from_weight_decay": _as_list(self._weight_decay_exclusions),
+                "exclude_from_layer_adaptation": _as_list(self._adaptation_exclusions),
+                "exclude_bn_and_bias": self.exclude_bn_and_bias,
+                "decay_in_norm": self.decay_in_norm,
+                "lr_outside_momentum": self.lr_outside_momentum,
+                "clip_local_lr": self.clip_local_lr,
+            }
+        )
+        return config
+
+
+def _as_list(patterns: Sequence[str] | None) -> list[str] | None:
+    # The tracker wraps lists set as attributes; the config must hold plain JSON types.
+    return None if patterns is None else [str(p) for p in patterns]

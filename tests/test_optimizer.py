@@ -1,0 +1,675 @@
+"""Tests of `lars_tf.optimizer.LARS` against an independent NumPy float64 Algorithm 1.
+
+`reference_lars` below is written from the paper (and, for the variants, from the shared doc's
+formulas), in float64, and shares no code with the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lars_tf.optimizer import LARS, local_learning_rate
+
+STEPS = 12
+# A global LR that changes every step, so that "LR inside the momentum" (the paper) and "LR
+# outside the momentum" (P') give different trajectories.
+LEARNING_RATES = [2.0, 3.5, 1.0, 5.0, 0.5, 4.0, 2.5, 6.0, 1.5, 3.0, 0.75, 4.5]
+# Float32 results against the float64 reference, after up to 12 steps.
+RTOL, ATOL = 1e-5, 1e-7
+
+
+class ListSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`values[step]`, the last value after the end."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __call__(self, step):
+        index = keras.ops.minimum(keras.ops.cast(step, "int32"), len(self.values) - 1)
+        return keras.ops.take(keras.ops.convert_to_tensor(self.values, "float32"), index)
+
+    def get_config(self):
+        return {"values": self.values}
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy float64 reference.
+
+
+def reference_lars(
+    weights,
+    gradients,
+    learning_rates,
+    *,
+    momentum,
+    beta,
+    eta,
+    epsilon=0.0,
+    nesterov=False,
+    decay=None,
+    adapt=None,
+    decay_in_norm=False,
+    lr_outside_momentum=False,
+    clip_local_lr=False,
+):
+    """Algorithm 1 of the paper, float64, per variable; returns per-step weights and statistics.
+
+    Args:
+        weights: Initial arrays.
+        gradients: `gradients[t][i]` is variable i's gradient at step t.
+        learning_rates: `gamma_t` per step.
+        decay, adapt: Per-variable bools (default all True): False means beta = 0, resp.
+            local LR = 1.
+
+    Returns:
+        `(trajectory, statistics)`: `trajectory[t][i]` the weights after step t;
+        `statistics[t][i]` the (local LR, ||w||, ||g||) of step t.
+    """
+    w = [np.asarray(x, np.float64).copy() for x in weights]
+    v = [np.zeros_like(x) for x in w]
+    decay = decay or [True] * len(w)
+    adapt = adapt or [True] * len(w)
+    trajectory, statistics = [], []
+    for gamma, grads in zip(learning_rates, gradients, strict=False):
+        step_statistics = []
+        for i, g in enumerate(grads):
+            g = np.asarray(g, np.float64)
+            b = beta if decay[i] else 0.0
+            w_norm = math.sqrt(float(np.sum(w[i] ** 2)))
+            g_norm = math.sqrt(float(np.sum(g**2)))
+            decayed = g + b * w[i]
+            if not adapt[i]:
+                lam = 1.0
+            elif decay_in_norm:
+                d_norm = math.sqrt(float(np.sum(decayed**2)))
+                lam = eta * w_norm / (d_norm + epsilon) if w_norm > 0 and d_norm > 0 else 1.0
+            else:
+                lam = (
+                    eta * w_norm / (g_norm + b * w_norm + epsilon)
+                    if w_norm > 0 and g_norm > 0
+                    else 1.0
+                )
+            if adapt[i] and clip_local_lr:
+                lam = min(lam, 1.0)
+            if lr_outside_momentum:
+                v[i] = momentum * v[i] + lam * decayed
+                step = gamma * (momentum * v[i] + lam * decayed) if nesterov else gamma * v[i]
+            else:
+                v[i] = momentum * v[i] + gamma * lam * decayed
+                step = momentum * v[i] + gamma * lam * decayed if nesterov else v[i]
+            w[i] = w[i] - step
+            step_statistics.append((lam, w_norm, g_norm))
+        trajectory.append([x.copy() for x in w])
+        statistics.append(step_statistics)
+    return trajectory, statistics
+
+
+# ---------------------------------------------------------------------------------------------
+# A bias, a dense kernel and a conv kernel, with zero-norm events built in.
+
+
+def problem(seed=0):
+    """Initial weights and `STEPS` gradients for (bias, kernel, conv kernel).
+
+    The bias starts at 0 (||w|| == 0) and gets a zero gradient on steps 0-1 (both norms 0); the
+    conv kernel gets a zero gradient on step 3 and the dense kernel on step 6 (||g|| == 0).
+    Gradients are ~1e-3 against weights ~1, so that beta * ||w|| is comparable to ||g|| and
+    decay visibly changes the local LR.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = [(7,), (5, 3), (3, 3, 2, 4)]
+    weights = [
+        np.zeros(shapes[0], np.float32),
+        rng.normal(0.0, 1.0, shapes[1]).astype(np.float32),
+        rng.normal(0.0, 0.5, shapes[2]).astype(np.float32),
+    ]
+    gradients = []
+    for t in range(STEPS):
+        grads = [rng.normal(0.0, 1e-3, s).astype(np.float32) for s in shapes]
+        if t < 2:
+            grads[0][:] = 0.0
+        if t == 3:
+            grads[2][:] = 0.0
+        if t == 6:
+            grads[1][:] = 0.0
+        gradients.append(grads)
+    return weights, gradients
+
+
+def make_variables(weights, dtype="float32"):
+    with keras.name_scope("dense"):
+        bias = keras.Variable(weights[0], name="bias", dtype=dtype)
+        kernel = keras.Variable(weights[1], name="kernel", dtype=dtype)
+    with keras.name_scope("conv"):
+        conv = keras.Variable(weights[2], name="kernel", dtype=dtype)
+    return [bias, kernel, conv]
+
+
+def run_optimizer(optimizer, weights, gradients, before_first_step=None):
+    variables = make_variables(weights)
+    if before_first_step is not None:
+        before_first_step(optimizer)
+    trajectory, statistics = [], []
+    for grads in gradients:
+        optimizer.apply([tf.constant(g) for g in grads], variables)
+        trajectory.append([v.numpy() for v in variables])
+        stats = optimizer.layer_statistics()
+        statistics.append(
+            [
+                tuple(
+                    float(stats[v.path][k].numpy())
+                    for k in ("local_lr", "weight_norm", "grad_norm")
+                )
+                for v in variables
+            ]
+        )
+    return trajectory, statistics
+
+
+@dataclasses.dataclass
+class Case:
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    trust_coefficient: float = 0.001
+    epsilon: float = 0.0
+    decay_in_norm: bool = False
+    lr_outside_momentum: bool = False
+    clip_local_lr: bool = False
+    exclude_from_weight_decay: list | None = None
+    exclude_from_layer_adaptation: list | None = None
+    exclude_bn_and_bias: bool = False
+    # Per (bias, kernel, conv): what the reference must do, matching the exclusions above.
+    decay: list | None = None
+    adapt: list | None = None
+    keras_method_exclusion: list | None = None
+
+    def optimizer(self, **extra):
+        return LARS(
+            learning_rate=ListSchedule(LEARNING_RATES),
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            trust_coefficient=self.trust_coefficient,
+            epsilon=self.epsilon,
+            nesterov=self.nesterov,
+            exclude_from_weight_decay=self.exclude_from_weight_decay,
+            exclude_from_layer_adaptation=self.exclude_from_layer_adaptation,
+            exclude_bn_and_bias=self.exclude_bn_and_bias,
+            decay_in_norm=self.decay_in_norm,
+            lr_outside_momentum=self.lr_outside_momentum,
+            clip_local_lr=self.clip_local_lr,
+            **extra,
+        )
+
+    def reference(self, weights, gradients):
+        return reference_lars(
+            weights,
+            gradients,
+            LEARNING_RATES,
+            momentum=self.momentum,
+            beta=self.weight_decay,
+            eta=self.trust_coefficient,
+            epsilon=self.epsilon,
+            nesterov=self.nesterov,
+            decay=self.decay,
+            adapt=self.adapt,
+            decay_in_norm=self.decay_in_norm,
+            lr_outside_momentum=self.lr_outside_momentum,
+            clip_local_lr=self.clip_local_lr,
+        )
+
+
+CASES = {
+    f"paper-m{m}-wd{wd}-{'nesterov' if n else 'plain'}": Case(
+        momentum=m, weight_decay=wd, nesterov=n
+    )
+    for m in (0.0, 0.9)
+    for wd in (0.0, 5e-4)
+    for n in (False, True)
+}
+CASES.update(
+    {
+        "epsilon": Case(epsilon=1e-3),
+        "decay_in_norm": Case(decay_in_norm=True),
+        "decay_in_norm-nesterov": Case(decay_in_norm=True, nesterov=True),
+        "lr_outside_momentum": Case(lr_outside_momentum=True),
+        "lr_outside_momentum-nesterov": Case(lr_outside_momentum=True, nesterov=True),
+        # eta = 0.01 puts the dense and conv local LRs around 10, so the clip is active.
+        "clip_local_lr": Case(clip_local_lr=True, trust_coefficient=0.01),
+        "clip_local_lr-nesterov": Case(clip_local_lr=True, trust_coefficient=0.01, nesterov=True),
+        "all-variants": Case(
+            decay_in_norm=True,
+            lr_outside_momentum=True,
+            clip_local_lr=True,
+            nesterov=True,
+            trust_coefficient=0.01,
+        ),
+        "exclusion-patterns": Case(
+            exclude_from_weight_decay=["bias"],
+            exclude_from_layer_adaptation=["^conv/"],
+            decay=[False, True, True],
+            adapt=[True, True, False],
+        ),
+        "exclude_bn_and_bias": Case(
+            exclude_bn_and_bias=True, decay=[False, True, True], adapt=[False, True, True]
+        ),
+        "keras-exclude_from_weight_decay-method": Case(
+            keras_method_exclusion=["kernel"], decay=[True, False, False]
+        ),
+    }
+)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_numpy_algorithm_1(case):
+    weights, gradients = problem()
+    before = None
+    if case.keras_method_exclusion:
+        before = lambda opt: opt.exclude_from_weight_decay(var_names=case.keras_method_exclusion)
+    got, got_statistics = run_optimizer(case.optimizer(), weights, gradients, before)
+    want, want_statistics = case.reference(weights, gradients)
+    for t in range(STEPS):
+        for i in range(3):
+            np.testing.assert_allclose(
+                got[t][i], want[t][i], rtol=RTOL, atol=ATOL, err_msg=f"step {t}, variable {i}"
+            )
+            np.testing.assert_allclose(
+                got_statistics[t][i],
+                want_statistics[t][i],
+                rtol=RTOL,
+                atol=1e-9,
+                err_msg=f"statistics (local_lr, ||w||, ||g||) of step {t}, variable {i}",
+            )
+
+
+def test_reference_grid_is_discriminating():
+    """Each option changes the trajectory far beyond the tolerance, so the grid can fail."""
+    weights, gradients = problem()
+
+    def final(**changes):
+        trajectory, _ = dataclasses.replace(Case(), **changes).reference(weights, gradients)
+        return np.concatenate([x.ravel() for x in trajectory[-1]])
+
+    base = final()
+    scale = np.abs(base) * RTOL + ATOL
+    for changes in (
+        {"weight_decay": 0.0},
+        {"momentum": 0.0},
+        {"nesterov": True},
+        {"epsilon": 1e-3},
+        {"decay_in_norm": True},
+        {"lr_outside_momentum": True},
+        {"decay": [True, True, False]},
+        {"adapt": [True, True, False]},
+    ):
+        assert np.max(np.abs(final(**changes) - base) / scale) > 100, changes
+    # At eta = 0.001 no local LR of this problem exceeds 1; at 0.01 the clip binds.
+    clip_base = final(trust_coefficient=0.01)
+    clip_scale = np.abs(clip_base) * RTOL + ATOL
+    clipped = final(trust_coefficient=0.01, clip_local_lr=True)
+    assert np.max(np.abs(clipped - clip_base) / clip_scale) > 100
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_equals_sgd_when_nothing_is_adapted(momentum, nesterov):
+    weights, gradients = problem(seed=1)
+    lars = LARS(
+        learning_rate=ListSchedule(LEARNING_RATES),
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=0.0,
+        exclude_from_layer_adaptation=[".*"],
+    )
+    sgd = keras.optimizers.SGD(
+        learning_rate=ListSchedule(LEARNING_RATES), momentum=momentum, nesterov=nesterov
+    )
+    lars_variables, sgd_variables = make_variables(weights), make_variables(weights)
+    for t, grads in enumerate(gradients):
+        lars.apply([tf.constant(g) for g in grads], lars_variables)
+        sgd.apply([tf.constant(g) for g in grads], sgd_variables)
+        for a, b in zip(lars_variables, sgd_variables, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"step {t}, {a.path}")
+    assert all(float(s["local_lr"].numpy()) == 1.0 for s in lars.layer_statistics().values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure local-LR helper: zero norms, under XLA too.
+
+
+@pytest.mark.parametrize("decay_in_norm", [False, True])
+def test_local_lr_is_one_for_zero_norms_under_xla(decay_in_norm):
+    @tf.function(jit_compile=True)
+    def ratio(w_norm, g_norm):
+        return local_learning_rate(
+            w_norm,
+            g_norm,
+            trust_coefficient=0.001,
+            epsilon=0.0,
+            decayed_grad_norm=g_norm if decay_in_norm else None,
+        )
+
+    for w_norm, g_norm in ((0.0, 2.0), (3.0, 0.0), (0.0, 0.0)):
+        assert float(ratio(tf.constant(w_norm), tf.constant(g_norm))) == 1.0
+    assert float(ratio(tf.constant(3.0), tf.constant(2.0))) == pytest.approx(0.0015)
+
+
+def test_float16_variables_get_float32_norms():
+    # sum(w**2) = 9e6 overflows float16 (max 65504); the statistics must still be exact.
+    variable = keras.Variable(np.full((30, 30), 100.0, np.float16), dtype="float16")
+    optimizer = LARS(learning_rate=1.0, momentum=0.9)
+    optimizer.apply([tf.fill((30, 30), tf.constant(0.5, tf.float16))], [variable])
+    stats = optimizer.layer_statistics()[variable.path]
+    assert stats["weight_norm"].dtype == "float32"
+    assert float(stats["weight_norm"].numpy()) == pytest.approx(3000.0)
+    assert float(stats["grad_norm"].numpy()) == pytest.approx(15.0)
+    assert float(stats["local_lr"].numpy()) == pytest.approx(0.2)
+    np.testing.assert_allclose(variable.numpy().astype(np.float64), 99.9, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside `fit`.
+
+
+def small_model(seed=0, batch_norm=True, dtype=None):
+    """conv -> batch norm (gamma, beta) -> dense head (kernel, bias).
+
+    With batch norm the conv has no bias, as in ResNet: batch norm cancels a bias's gradient
+    to rounding noise, which no norm test could use.
+    """
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, use_bias=not batch_norm, name="conv", dtype=dtype)(inputs)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name="bn", dtype=dtype)(x)
+    x = keras.layers.Flatten(dtype=dtype)(x)
+    outputs = keras.layers.Dense(3, name="head", dtype=dtype)(x)
+    return keras.Model(inputs, outputs)
+
+
+def data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=(n,)).astype(np.int32)
+    return x, y
+
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def train(model, optimizer, x, y, batch_size=8, epochs=1, jit_compile=False):
+    model.compile(optimizer=optimizer, loss=LOSS, jit_compile=jit_compile)
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def lars_for_fit(**kwargs):
+    kwargs.setdefault("learning_rate", ListSchedule(LEARNING_RATES))
+    kwargs.setdefault("weight_decay", 5e-4)
+    return LARS(**kwargs)
+
+
+def test_fit_with_jit_compile_matches_eager_graph():
+    x, y = data()
+    jitted = train(small_model(), lars_for_fit(), x, y, jit_compile=True)
+    plain = train(small_model(), lars_for_fit(), x, y, jit_compile=False)
+    for a, b in zip(jitted, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    initial = [v.numpy() for v in small_model().trainable_variables]
+    assert not any(np.array_equal(a, b) for a, b in zip(jitted, initial, strict=True))
+
+
+def test_fit_with_gradient_accumulation_sees_the_averaged_gradient():
+    x, y = data(n=16)
+    # Two micro-batches of 8 accumulated == one batch of 16: the mean of the two mean-loss
+    # gradients is the gradient of the mean loss over 16. The LR is constant because Keras
+    # evaluates schedules at the micro-step count. No batch norm: its batch statistics would
+    # differ between micro-batches and the full batch.
+    accumulated_model, single_model = small_model(batch_norm=False), small_model(batch_norm=False)
+    accumulated_opt = lars_for_fit(learning_rate=3.0, gradient_accumulation_steps=2)
+    single_opt = lars_for_fit(learning_rate=3.0)
+    accumulated = train(accumulated_model, accumulated_opt, x, y, batch_size=8)
+    single = train(single_model, single_opt, x, y, batch_size=16)
+    for a, b in zip(accumulated, single, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for path, stats in single_opt.layer_statistics().items():
+        got = accumulated_opt.layer_statistics()[path]
+        for name in ("local_lr", "weight_norm", "grad_norm"):
+            assert float(got[name].numpy()) == pytest.approx(float(stats[name].numpy()), rel=1e-5)
+    assert int(accumulated_opt.iterations.numpy()) == 1
+
+
+def test_fit_with_clipnorm_adapts_on_clipped_gradients():
+    x, y = data(n=8)
+    model = small_model()
+    optimizer = lars_for_fit(clipnorm=1e-3)
+    train(model, optimizer, x, y, batch_size=8)
+    for path, stats in optimizer.layer_statistics().items():
+        # Every gradient of this model is far above 1e-3, so LARS saw the clipped ones.
+        assert float(stats["grad_norm"].numpy()) == pytest.approx(1e-3, rel=1e-4), path
+
+
+def test_clipnorm_matches_reference_on_clipped_gradients():
+    weights, gradients = problem(seed=2)
+    clip = 2e-3
+    clipped = [
+        [g * min(1.0, clip / max(float(np.linalg.norm(g)), 1e-30)) for g in grads]
+        for grads in gradients
+    ]
+    case = Case()
+    optimizer = case.optimizer(clipnorm=clip)
+    got, _ = run_optimizer(optimizer, weights, gradients)
+    want, _ = case.reference(weights, clipped)
+    for t in range(STEPS):
+        for i in range(3):
+            np.testing.assert_allclose(got[t][i], want[t][i], rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture
+def mixed_float16():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_float16_unscaled_float32_norms_and_skipped_nonfinite_step(mixed_float16):
+    x, y = data(n=8)
+    model = small_model()
+    lars = lars_for_fit()
+    model.compile(optimizer=lars, loss=LOSS)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    # The gradient LARS must see: the float32 one, unscaled. A float32 twin gives it within
+    # float16 rounding; a scaled gradient would be 2**15 times larger.
+    twin = small_model(dtype="float32")
+    twin.set_weights(model.get_weights())
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, twin(x, training=True))
+    twin_grads = tape.gradient(loss, twin.trainable_variables)
+
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    stats = lars.layer_statistics()
+    for variable, grad in zip(twin.trainable_variables, twin_grads, strict=True):
+        path = variable.path
+        assert stats[path]["grad_norm"].dtype == "float32"
+        want = float(np.linalg.norm(grad.numpy()))
+        assert float(stats[path]["grad_norm"].numpy()) == pytest.approx(want, rel=2e-2), path
+    assert int(lars.iterations.numpy()) == 1
+
+    before = [v.numpy() for v in model.trainable_variables]
+    before_stats = {p: float(s["grad_norm"].numpy()) for p, s in stats.items()}
+    scale = float(model.optimizer.dynamic_scale.numpy())
+    bad_x = x.copy()
+    bad_x[0, 0, 0, 0] = np.inf
+    model.fit(bad_x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(before, model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert int(lars.iterations.numpy()) == 1
+    assert {p: float(s["grad_norm"].numpy()) for p, s in stats.items()} == before_stats
+    assert float(model.optimizer.dynamic_scale.numpy()) == scale / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, saving, checkpoints.
+
+
+NON_DEFAULTS = dict(
+    momentum=0.8,
+    weight_decay=1e-4,
+    trust_coefficient=0.02,
+    epsilon=1e-9,
+    nesterov=True,
+    exclude_from_weight_decay=["bias", "bn/"],
+    exclude_from_layer_adaptation=["^head/"],
+    exclude_bn_and_bias=True,
+    decay_in_norm=True,
+    lr_outside_momentum=True,
+    clip_local_lr=True,
+    name="my_lars",
+    clipnorm=2.0,
+    gradient_accumulation_steps=3,
+)
+
+
+def test_config_round_trip_holds_every_argument():
+    schedule = keras.optimizers.schedules.PolynomialDecay(
+        10.0, 100, end_learning_rate=1e-4, power=2.0
+    )
+    optimizer = LARS(learning_rate=schedule, **NON_DEFAULTS)
+    config = optimizer.get_config()
+    for key, value in NON_DEFAULTS.items():
+        assert config[key] == value, key
+    # `from_config` deserializes the schedule in place, so hand it a copy.
+    restored = LARS.from_config(dict(config))
+    assert restored.get_config() == config
+    assert restored.coupled_weight_decay == 1e-4
+    assert restored._learning_rate.get_config() == schedule.get_config()
+    # Through Keras' registry, as `.keras` files and `model.compile(optimizer=dict)` do.
+    serialized = keras.saving.serialize_keras_object(optimizer)
+    assert serialized["registered_name"] == "lars_tf>LARS"
+    again = keras.saving.deserialize_keras_object(serialized)
+    assert isinstance(again, LARS) and again.get_config() == config
+    assert (
+        LARS.from_config(LARS(learning_rate=10).get_config()).get_config()["learning_rate"] == 10.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"trust_coefficient": 0.0}, "trust_coefficient"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"nesterov": 1}, "nesterov"),
+        ({"clip_local_lr": "yes"}, "clip_local_lr"),
+        ({"exclude_from_weight_decay": "bias"}, "exclude_from_weight_decay"),
+        ({"exclude_from_layer_adaptation": ["("]}, "exclude_from_layer_adaptation"),
+    ],
+)
+def test_invalid_arguments_are_named(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        LARS(**kwargs)
+
+
+def test_keras_exclusion_method_after_build_is_refused():
+    optimizer = LARS(learning_rate=1.0)
+    optimizer.build(make_variables(problem()[0]))
+    with pytest.raises(ValueError, match="before the optimizer is built"):
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
+
+
+def test_exclude_bn_and_bias_in_a_model():
+    x, y = data(n=8)
+    model = small_model()
+    optimizer = lars_for_fit(exclude_bn_and_bias=True)
+    train(model, optimizer, x, y)
+    stats = optimizer.layer_statistics()
+    assert set(stats) == {v.path for v in model.trainable_variables}
+    for variable in model.trainable_variables:
+        local_lr = float(stats[variable.path]["local_lr"].numpy())
+        if variable.path.startswith("bn/") or variable.name == "bias":
+            assert local_lr == 1.0, variable.path
+        else:
+            assert local_lr != 1.0, variable.path
+
+
+def test_layer_statistics_are_the_last_update_values():
+    x, y = data(n=8)
+    model = small_model()
+    optimizer = lars_for_fit(learning_rate=1.0, weight_decay=0.0)
+    model.compile(optimizer=optimizer, loss=LOSS)
+    assert optimizer.layer_statistics() == {}
+    weights = [v.numpy() for v in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+    grads = [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    stats = optimizer.layer_statistics()
+    for variable, w, g in zip(model.trainable_variables, weights, grads, strict=True):
+        s = {k: float(v.numpy()) for k, v in stats[variable.path].items()}
+        w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
+        assert s["weight_norm"] == pytest.approx(w_norm, rel=1e-5)
+        assert s["grad_norm"] == pytest.approx(g_norm, rel=1e-4)
+        want = 0.001 * w_norm / g_norm if w_norm > 0 else 1.0
+        assert s["local_lr"] == pytest.approx(want, rel=1e-4)
+    # The statistics are optimizer variables, so checkpoints carry them.
+    ids = {id(v) for v in optimizer.variables}
+    assert all(id(v) in ids for s in stats.values() for v in s.values())
+
+
+def _continue(model, x, y):
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def _checkpoint_lars():
+    return lars_for_fit(exclude_bn_and_bias=True, nesterov=True)
+
+
+@pytest.mark.parametrize("how", ["keras_file", "tf_checkpoint"])
+def test_restore_continues_bit_identically(tmp_path, how):
+    x, y = data(n=32)
+    first, second = (x[:16], y[:16]), (x[16:], y[16:])
+
+    uninterrupted = small_model()
+    train(uninterrupted, _checkpoint_lars(), *first)
+    want = _continue(uninterrupted, *second)
+
+    interrupted = small_model()
+    optimizer = _checkpoint_lars()
+    train(interrupted, optimizer, *first)
+    if how == "keras_file":
+        path = tmp_path / "model.keras"
+        interrupted.save(path)
+        restored = keras.models.load_model(path, custom_objects={"ListSchedule": ListSchedule})
+        assert isinstance(restored.optimizer, LARS)
+        assert restored.optimizer.get_config() == optimizer.get_config()
+    else:
+        prefix = tf.train.Checkpoint(model=interrupted, optimizer=optimizer).save(
+            str(tmp_path / "ckpt")
+        )
+        restored = small_model(seed=1)
+        restored_optimizer = _checkpoint_lars()
+        restored.compile(optimizer=restored_optimizer, loss=LOSS)
+        restored_optimizer.build(restored.trainable_variables)
+        tf.train.Checkpoint(model=restored, optimizer=restored_optimizer).restore(
+            prefix
+        ).assert_consumed()
+    for a, b in zip(optimizer.variables, restored.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    got = _continue(restored, *second)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
