@@ -1,0 +1,108 @@
+"""Argument handling shared by the model builders: data format, dtype policy, input shape."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+def resolve_data_format(data_format: str | None) -> str:
+    """Returns `data_format`, or Keras' global image data format when it is None."""
+    if data_format is None:
+        return keras.config.image_data_format()
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS} or None, got {data_format!r}")
+    return data_format
+
+
+def channel_axis(data_format: str) -> int:
+    """The axis of a 4-D image batch that holds the channels."""
+    return -1 if data_format == "channels_last" else 1
+
+
+def resolve_policy(dtype: str | keras.DTypePolicy | None) -> keras.DTypePolicy:
+    """Returns the dtype policy for `dtype`, or the global policy when it is None.
+
+    The policy is resolved once, at build time, and handed to every layer explicitly, so a
+    saved model keeps it whatever the global policy is when the model is loaded.
+    """
+    if dtype is None:
+        return keras.config.dtype_policy()
+    try:
+        return keras.dtype_policies.get(dtype)
+    except ValueError as error:
+        raise ValueError(
+            "dtype must be a dtype policy name such as 'float32', 'mixed_float16' or "
+            f"'mixed_bfloat16', a keras.DTypePolicy, or None; got {dtype!r}"
+        ) from error
+
+
+def resolve_input_shape(
+    input_shape: Sequence[int] | None, image_size: int, data_format: str
+) -> tuple[int, int, int]:
+    """Returns the per-example input shape, RGB at `image_size` by default.
+
+    Args:
+        input_shape: `(height, width, channels)` for channels_last or `(channels, height,
+            width)` for channels_first, or None for a square RGB image of `image_size`.
+        image_size: Side of the default square input.
+        data_format: "channels_last" or "channels_first".
+    """
+    if input_shape is None:
+        if data_format == "channels_last":
+            return (image_size, image_size, 3)
+        return (3, image_size, image_size)
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        layout = "(height, width, channels)" if data_format == "channels_last" else "(c, h, w)"
+        raise ValueError(
+            f"input_shape must be three positive ints {layout} for {data_format}, got {shape!r}"
+        )
+    return shape
+
+
+def spatial_size(input_shape: tuple[int, int, int], data_format: str) -> tuple[int, int]:
+    """`(height, width)` of a per-example input shape."""
+    if data_format == "channels_last":
+        return input_shape[0], input_shape[1]
+    return input_shape[1], input_shape[2]
+
+
+def check_num_classes(num_classes: int) -> None:
+    """Raises ValueError unless `num_classes` is a positive int."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+def check_dropout(dropout: float) -> None:
+    """Raises ValueError unless `0 <= dropout < 1`."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def float32_logits(logits: keras.KerasTensor, policy: keras.DTypePolicy) -> keras.KerasTensor:
+    """Casts logits to float32 when the model computes in a lower precision.
+
+    A float16 softmax cross-entropy overflows for confident logits; the Keras
+    mixed-precision guide ends every model with a float32 layer for this reason.
+    """
+    if policy.compute_dtype == "float32":
+        return logits
+    return keras.layers.Activation("linear", dtype="float32", name="logits")(logits)
+
+
+def make_model(
+    inputs: keras.KerasTensor, logits: keras.KerasTensor, policy: keras.DTypePolicy, name: str
+) -> keras.Model:
+    """Wraps a functional graph in a `keras.Model` whose own dtype policy is `policy`.
+
+    A functional model takes the global policy whatever its layers use; with the model's
+    policy set, `compile()` wraps the optimizer in a `LossScaleOptimizer` under
+    "mixed_float16", exactly as Keras does when the policy is set globally.
+    """
+    model = keras.Model(inputs, float32_logits(logits, policy), name=name)
+    model.dtype_policy = policy
+    return model
