@@ -51,9 +51,9 @@ bench: install
 	@test -f tools/bench.py || { echo "make bench: tools/bench.py is not written yet (issue 8)" >&2; exit 2; }
 	$(BIN)/python tools/bench.py --output docs/benchmarks.md
 
+# Starts a Docker engine if none runs (tools/docker_engine.sh), then builds with BuildKit.
 docker:
-	@test -f docker/Dockerfile || { echo "make docker: docker/Dockerfile is not written yet (issue 7)" >&2; exit 2; }
-	docker build -t lars-tf:cpu -f docker/Dockerfile .
+	bash docker/build.sh -t lars-tf:cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

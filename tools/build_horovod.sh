@@ -50,6 +50,10 @@ export HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
 export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
 if [[ -n "$GPU_OPS" ]]; then export HOROVOD_GPU_OPERATIONS=$GPU_OPS; fi
 
+# Horovod's setup.py looks for `cmake` on PATH (and falls back to a bare `pip`): put the
+# environment's bin first so the cmake installed above is found on machines without a system one.
+PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
+export PATH
 mkdir -p "$work/out"
 if ! "$PYTHON" -m pip wheel --no-build-isolation --no-deps -w "$work/out" "$src" >"$work/build.log" 2>&1; then
   tail -n 60 "$work/build.log" >&2
