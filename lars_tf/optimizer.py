@@ -21,8 +21,31 @@ from keras import ops
 STATISTICS = ("local_lr", "weight_norm", "grad_norm")
 
 
+# Large tensors are summed in blocks of 32 rows x 16 lanes first; see `_l2_norm`.
+_NORM_BLOCK = (32, 16)
+_NORM_MIN_SIZE = 8192
+
+
 def _l2_norm(x: Any) -> Any:
-    return ops.sqrt(ops.sum(ops.square(x)))
+    """`||x||`, in one pass over `x` under XLA too.
+
+    XLA's CPU compiler rewrites a reduction over any dimension longer than 32 into a
+    reduce-window over a materialised `x * x` (its tree-reduction pass), so the plain
+    `sqrt(sum(square(x)))` reads `x`, writes and reads `x * x`: LARS then took 3.5x the time
+    of SGD under XLA on ResNet-50 (`tools/bench.py`). Summing blocks of 32 x 16 first (a
+    reduction over a dimension of 32, fused with the square) and the 32x smaller partial sums
+    next keeps it one pass. `maximum(partial, 0)`, an identity on sums of squares, stops the
+    algebraic simplifier from merging the two sums back into one. Without XLA both forms cost
+    the same; small or oddly sized tensors take the plain form.
+    """
+    rows, lanes = _NORM_BLOCK
+    shape = tuple(x.shape)
+    size = math.prod(shape) if all(isinstance(d, int) for d in shape) else None
+    if size is None or size < _NORM_MIN_SIZE or size % (rows * lanes):
+        return ops.sqrt(ops.sum(ops.square(x)))
+    blocks = ops.reshape(x, (size // (rows * lanes), rows, lanes))
+    partial = ops.sum(ops.square(blocks), axis=1)
+    return ops.sqrt(ops.sum(ops.maximum(partial, 0.0)))
 
 
 def local_learning_rate(
@@ -364,6 +387,15 @@ class LARS(keras.optimizers.Optimizer):
             self._local_lrs.append(slots[0])
             self._weight_norms.append(slots[1])
             self._grad_norms.append(slots[2])
+
+    def _get_current_learning_rate(self):
+        # Keras evaluates a schedule at its micro-batch counter (`_iterations`), so with
+        # `gradient_accumulation_steps=k` update u would get `schedule(u * k + k - 1)` and the
+        # warm-up would end k times too early. LARS counts updates (`iterations`), as the
+        # paper's schedules (and Caffe's `iter_size`) do.
+        if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            return self._learning_rate(self.iterations)
+        return super()._get_current_learning_rate()
 
     def update_step(self, gradient, variable, learning_rate):
         """Apply one LARS step to `variable`."""

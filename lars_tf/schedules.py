@@ -17,7 +17,7 @@ All steps are optimizer updates, not micro-batches and not epochs: convert epoch
 ``round(epochs * steps_per_epoch)``. Keras' own ``gradient_accumulation_steps`` (k) is the
 exception to watch: Keras then evaluates a schedule at its micro-batch counter, so update ``u``
 would get ``schedule(u * k + k - 1)``; wrap the schedule in `PerUpdateSchedule` to keep ``t``
-counting updates.
+counting updates (`lars_tf.LARS` does this itself).
 """
 
 from __future__ import annotations
@@ -272,9 +272,13 @@ class PerUpdateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     the warm-up's start rate. This wrapper gives update ``u`` the rate ``schedule(u)``, as the
     authors' Caffe solver with ``iter_size`` does, by evaluating ``schedule(step // k)``.
 
+    `lars_tf.LARS` already counts updates, so it needs no wrapper (a wrapped schedule would
+    advance k times too slowly); this is for Keras' own optimizers:
+
     ```python
-    optimizer = LARS(
+    optimizer = keras.optimizers.SGD(
         learning_rate=PerUpdateSchedule(schedule, gradient_accumulation_steps=4),
+        momentum=0.9,
         gradient_accumulation_steps=4,
     )
     ```

@@ -190,10 +190,11 @@ def test_callbacks_count_updates_under_gradient_accumulation(tmp_path):
         np.testing.assert_allclose(applied[::k], 0.0, atol=1e-7)  # accumulating, no update
         np.testing.assert_allclose(recorder.logged, np.repeat(expected, k), rtol=1e-6)
 
-    # The statistics logger counts updates too, and logs each once its update is done.
+    # The statistics logger counts updates too, and logs each once its update is done. LARS
+    # evaluates its schedule at the update count itself, without PerUpdateSchedule.
     _fit_bias_model(
         LARS(
-            learning_rate=PerUpdateSchedule(schedule, k),
+            learning_rate=schedule,
             momentum=0.0,
             gradient_accumulation_steps=k,
         ),

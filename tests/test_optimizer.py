@@ -673,3 +673,28 @@ def test_restore_continues_bit_identically(tmp_path, how):
     got = _continue(restored, *second)
     for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_schedule_counts_updates_not_micro_batches_under_accumulation():
+    """With k micro-batches per update, update u uses schedule(u), as Caffe's `iter_size` does."""
+    rates = [0.5, 0.25, 0.125, 0.0625]
+
+    class Halving(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            return keras.ops.take(keras.ops.array(rates), keras.ops.minimum(step, 3))
+
+    k = 3
+    variable = keras.Variable(np.ones(4, "float32"), name="w")
+    optimizer = LARS(learning_rate=Halving(), momentum=0.0, gradient_accumulation_steps=k)
+    optimizer.build([variable])
+    # Excluded from nothing: ||w|| = 2, ||g|| = 2, so local LR = eta = 0.001; w moves by
+    # lr * 0.001 * g per update. Check the rate of each update from the weight change.
+    for update in range(len(rates)):
+        before = variable.numpy()
+        for _ in range(k):
+            optimizer.apply([keras.ops.ones(4) * 0.5], [variable])
+        step = before - variable.numpy()
+        local_lr = 0.001 * np.linalg.norm(before) / np.linalg.norm(np.full(4, 0.5))
+        # rtol: w - step loses digits in float32; the wrong rate would be off by 2x or more.
+        np.testing.assert_allclose(step, rates[update] * local_lr * 0.5, rtol=1e-3)
+        assert int(optimizer.iterations) == update + 1

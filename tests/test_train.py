@@ -1,0 +1,321 @@
+"""train.py end to end: single process and `horovodrun -np 2`, synthetic and real JPEGs,
+resume after SIGTERM, NaN stop, and flags rejected before anything is written.
+
+Every run is a real subprocess of train.py on a tiny AlexNet-BN (width 1/8, ungrouped convs)
+for a few steps of a few images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from jpeg_fixtures import jpeg_bytes
+
+from lars_tf import training
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+TRAIN_PY = str(REPO / "train.py")
+TIMEOUT = 300
+TINY = [
+    "--model=alexnet_bn_small",
+    "--width_multiplier=0.125",
+    "--groups=1",
+    "--image_size=32",
+    "--global_batch_size=16",
+    "--eval_batch_size=16",
+    "--log_every_steps=1",
+]
+SYNTHETIC = ["--synthetic", "--synthetic_examples=32", "--num_classes=10"]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
+
+
+def _horovodrun(np_: int) -> list[str]:
+    runner = Path(sys.executable).with_name("horovodrun")
+    return [str(runner), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo"]
+
+
+def train(*argv: str, workers: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, TRAIN_PY, *argv]
+    if workers > 1:
+        command = _horovodrun(workers) + command
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def checkpoint_values(model_dir: Path) -> dict[str, np.ndarray]:
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    assert latest, f"no checkpoint in {model_dir}"
+    reader = tf.train.load_checkpoint(latest)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
+    }
+
+
+def test_plan_segments_finish_a_partial_epoch_first():
+    Segment = training.Segment
+    assert training.plan_segments(0, 10, 4) == [Segment(0, 3, 4, 0)]  # last epoch cut at 10
+    assert training.plan_segments(6, 10, 4) == [Segment(1, 2, 2, 1), Segment(2, 3, 4, 2)]
+    assert training.plan_segments(8, 12, 4) == [Segment(2, 3, 4, 2)]
+    assert training.plan_segments(10, 10, 4) == []
+
+
+def test_per_worker_batch_size():
+    assert training.per_worker_batch_size(4096, 2, 1) == 2048
+    assert training.per_worker_batch_size(32768, 8, 4) == 1024
+    with pytest.raises(ValueError, match="global_batch_size=100 must be divisible .* 3 x 2 = 6"):
+        training.per_worker_batch_size(100, 3, 2)
+
+
+def test_checkpointer_keeps_the_last_good_checkpoint(tmp_path):
+    import keras
+
+    from lars_tf.optimizer import LARS
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = LARS(0.1)
+    optimizer.build(model.trainable_variables)
+    checkpointer = training.Checkpointer(tmp_path, model, optimizer, max_to_keep=2)
+    assert checkpointer.restore_latest() == 0
+    good = checkpointer.save(images_seen=128, step=1)
+    model.layers[0].kernel.assign(np.full((3, 2), np.nan, np.float32))
+    with pytest.raises(FloatingPointError, match="step 2"):
+        checkpointer.save(images_seen=256, step=2)
+    assert checkpointer.latest == good
+    assert checkpointer.restore_latest() == 128
+    assert np.isfinite(model.layers[0].kernel.numpy()).all()
+
+
+def test_single_process_synthetic_run_writes_everything(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = train(
+        *TINY,
+        *SYNTHETIC,
+        "--train_steps=6",
+        "--checkpoint_every_steps=2",
+        "--keep_checkpoints=2",
+        "--eval_steps=2",
+        f"--model_dir={model_dir}",
+    )
+    assert "Evaluation at step 6 on 32 images" in proc.stdout
+    # Per-epoch line: loss, top-1, top-5, learning rate, images/s, validation numbers.
+    epoch_lines = [line for line in proc.stdout.splitlines() if "images_per_sec" in line]
+    assert len(epoch_lines) == 3
+    for key in ("loss", "top1", "top5", "learning_rate", "val_top1", "val_top5"):
+        assert f" {key}: " in epoch_lines[-1]
+
+    with open(model_dir / "training_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert float(rows[0]["learning_rate"]) > float(rows[-1]["learning_rate"])  # poly decay
+    assert float(rows[-1]["images_per_sec"]) > 0
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["step"] == 6 and results["examples"] == 32
+    assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
+    plan = json.loads((model_dir / "plan.json").read_text())
+    assert plan["per_worker_batch_size"] == 16 and plan["total_steps"] == 6
+    assert "--global_batch_size=16" in (model_dir / "flags.txt").read_text()
+    # Only the newest checkpoints are kept; TensorBoard has epoch scalars and trust ratios.
+    names = sorted(p.name for p in (model_dir / "checkpoints").glob("*.index"))
+    assert names == ["ckpt-4.index", "ckpt-6.index"]
+    for sub in ("train", "validation", "layers"):
+        assert list((model_dir / "tensorboard" / sub).glob("events.out.tfevents.*")), sub
+    values = checkpoint_values(model_dir)
+    assert any(v.dtype == np.int64 and v.shape == () and v == 6 * 16 for v in values.values())
+
+
+@pytest.fixture
+def one_image_folder(tmp_path) -> Path:
+    """A JPEG folder whose training split is one real JPEG (and an empty second class)."""
+    root = tmp_path / "jpegs"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "train" / "b").mkdir(parents=True)
+    (root / "train" / "a" / "0.jpg").write_bytes(jpeg_bytes(40, 40, seed=1))
+    for label, seed in (("a", 2), ("b", 3)):
+        (root / "validation" / label).mkdir(parents=True)
+        (root / "validation" / label / "0.jpg").write_bytes(jpeg_bytes(40, 40, seed=seed))
+    return root
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_continues_the_same_run(tmp_path, one_image_folder):
+    # Every step trains on the same single image (batch 1, nothing random in the
+    # preprocessing, deterministic ops): whatever the data order, a run interrupted by SIGTERM
+    # and rerun must end exactly where an uninterrupted run ends. That needs the right step,
+    # learning rate (warm-up, then poly decay), momentum and batch-norm statistics after the
+    # restart.
+    common = [
+        *TINY,
+        "--global_batch_size=1",
+        "--dataset=folder",
+        f"--data_dir={one_image_folder}",
+        "--preprocessing=eval",
+        "--dropout=0",
+        "--deterministic",
+        "--train_steps=40",
+        "--warmup_epochs=5",
+        "--learning_rate=5",
+        "--checkpoint_every_steps=2",
+        "--eval_every_epochs=0",
+        "--log_every_steps=0",
+    ]
+    reference = tmp_path / "reference"
+    train(*common, f"--model_dir={reference}")
+
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, TRAIN_PY, *common, f"--model_dir={resumed}"]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    index = resumed / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + TIMEOUT
+    while not index.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = (out.decode() for out in proc.communicate(timeout=TIMEOUT))
+    assert proc.returncode == 143, stdout[-3000:] + stderr[-3000:]
+    stopped = int(stdout.split("SIGTERM: stopped at step ")[1].split(";")[0])
+    assert 2 <= stopped < 40
+    assert tf.train.latest_checkpoint(str(resumed / "checkpoints")).endswith(f"ckpt-{stopped}")
+
+    proc = train(*common, f"--model_dir={resumed}")
+    assert f"Resuming from {resumed}/checkpoints/ckpt-{stopped} at step {stopped}." in proc.stdout
+    assert "Evaluation at step 40" in proc.stdout
+    expected, actual = checkpoint_values(reference), checkpoint_values(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    with open(resumed / "training_log.csv") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == list(range(40))  # one step per epoch: the log continues without a gap
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = train(
+        *TINY,
+        *SYNTHETIC,
+        "--optimizer=sgd",
+        "--learning_rate=1e25",  # the first update makes the logits overflow
+        "--train_steps=20",
+        "--checkpoint_every_steps=1",
+        "--log_every_steps=0",
+        f"--model_dir={model_dir}",
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the loss or the weights became NaN or Inf at step" in proc.stdout
+    step = int(proc.stdout.split("NaN or Inf at step ")[1].split(".")[0])
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    assert latest is None or int(latest.rsplit("-", 1)[1]) <= step
+    if latest is not None:
+        assert all(np.isfinite(v).all() for v in checkpoint_values(model_dir).values())
+    assert not (model_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--global_batch_size=30", "--grad_accum_steps=4"], "--global_batch_size=30"),
+        (["--flagfile=/nonexistent/recipe.cfg"], "/nonexistent/recipe.cfg"),
+        (["--learning_rate=-0.1"], "--learning_rate must be > 0"),
+    ],
+)
+def test_bad_flags_fail_before_writing_anything(tmp_path, argv, message):
+    model_dir = tmp_path / "run"
+    proc = train(*TINY, *SYNTHETIC, f"--model_dir={model_dir}", *argv, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not model_dir.exists()
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_two_workers_synthetic_end_identical(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = train(
+        *TINY,
+        *SYNTHETIC,
+        "--grad_accum_steps=2",
+        "--train_steps=4",
+        "--checkpoint_every_steps=2",
+        "--eval_steps=1",
+        f"--model_dir={model_dir}",
+        workers=2,
+    )
+    assert "identical on all 2 workers" in proc.stdout
+    assert "2 worker(s) x 4 x 2 accumulation = global batch 16" in proc.stdout
+    assert proc.stdout.count("Evaluation at step 4") == 1  # rank 0 only
+    assert json.loads((model_dir / "results.json").read_text())["examples"] == 2 * 16
+
+
+@pytest.fixture(scope="module")
+def cifar_folder(tmp_path_factory) -> Path:
+    """A 2-class JPEG folder tree (train/, validation/) of real CIFAR-10 images."""
+    if not CIFAR.exists():
+        pytest.skip(f"shared data not found at {CIFAR}")
+    root = tmp_path_factory.mktemp("cifar")
+    wanted = {"airplane": 0, "automobile": 0}
+    with tarfile.open(CIFAR, "r:gz") as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if len(parts) != 3 or parts[0] != "train" or parts[1] not in wanted:
+                if all(n >= 48 for n in wanted.values()):
+                    break
+                continue
+            n = wanted[parts[1]]
+            if n >= 48:
+                continue
+            wanted[parts[1]] += 1
+            split = "train" if n < 32 else "validation"
+            target = root / split / parts[1] / parts[2]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+    return root
+
+
+REAL = [
+    "--dataset=folder",
+    "--preprocessing=cifar",
+    "--mean=125.31,122.95,113.87",
+    "--std=62.99,62.09,66.70",
+    "--train_steps=4",
+    "--checkpoint_every_steps=0",
+]
+
+
+def test_single_process_real_jpegs(tmp_path, cifar_folder):
+    proc = train(*TINY, *REAL, f"--data_dir={cifar_folder}", f"--model_dir={tmp_path / 'run'}")
+    assert "on 64 images" in proc.stdout
+    assert "Evaluation at step 4 on 32 images" in proc.stdout
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_two_workers_real_jpegs_end_identical(tmp_path, cifar_folder):
+    proc = train(
+        *TINY,
+        *REAL,
+        f"--data_dir={cifar_folder}",
+        f"--model_dir={tmp_path / 'run'}",
+        workers=2,
+    )
+    assert "identical on all 2 workers" in proc.stdout
+    assert "Evaluation at step 4 on 32 images" in proc.stdout  # the two shards together

@@ -1,0 +1,292 @@
+"""Train and evaluate an image classifier with LARS, on one process or under Horovod.
+
+    python train.py --flagfile=flags/alexnet_bn_lars_b8k.cfg --data_dir=/data/imagenet
+    horovodrun -np 8 -H host1:4,host2:4 python train.py --flagfile=... --model_dir=...
+
+Flags in, then: build the input (sharded by worker), the model, the schedule and the
+optimizer; average gradients across workers and broadcast rank 0's state; resume from the
+latest checkpoint in --model_dir; `fit`; evaluate; report. The flags are in train_flags.py,
+the machinery in lars_tf (training, distributed, callbacks). Rerunning the same command
+resumes where the previous run stopped (see lars_tf.training for the exact semantics).
+Exit status: 0 when done, 1 when the loss became NaN/Inf, 143 after a SIGTERM (a checkpoint
+was written first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Before TensorFlow starts its thread pools: ranks sharing a machine split its cores
+# (horovodrun sets HOROVOD_LOCAL_SIZE), or two ranks on two cores each spawn two threads.
+if "HOROVOD_LOCAL_SIZE" in os.environ:
+    _cores = max(1, (os.cpu_count() or 1) // int(os.environ["HOROVOD_LOCAL_SIZE"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_cores))
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+import train_flags  # noqa: E402
+from lars_tf import callbacks, data, distributed, models, training  # noqa: E402
+
+train_flags.define_all()
+FLAGS = flags.FLAGS
+
+
+def build_input(num_workers: int, rank: int, batch: int, image_size: int):
+    """`(train spec, dataset_for_epoch, eval spec)` for this worker."""
+    source = train_flags.dataset_source()
+    common = dict(
+        data_dir=FLAGS.data_dir,
+        image_size=image_size,
+        preprocessing=FLAGS.preprocessing,
+        num_shards=num_workers,
+        shard_index=rank,
+        deterministic=FLAGS.deterministic,
+        dtype=FLAGS.dtype,
+        num_classes=FLAGS.num_classes,
+        resize_size=FLAGS.resize_size,
+        channels=FLAGS.channels,
+        mean=train_flags.floats(FLAGS.mean),
+        std=train_flags.floats(FLAGS.std),
+    )
+    if source == "synthetic" and FLAGS.synthetic_examples:
+        common["num_examples"] = FLAGS.synthetic_examples
+
+    def train_spec(epoch: int) -> data.InputSpec:
+        # A resumed run rebuilds the input at its epoch; offset the seed so that epoch's
+        # order is not the first epoch's again.
+        return data.build_dataset(
+            source,
+            split=FLAGS.train_split,
+            batch_size=batch,
+            is_training=True,
+            seed=FLAGS.seed + epoch,
+            shuffle_buffer=FLAGS.shuffle_buffer,
+            **common,
+        )
+
+    first = train_spec(0)
+    evaluation = data.build_dataset(
+        source,
+        split=FLAGS.eval_split,
+        batch_size=FLAGS.eval_batch_size or batch,
+        is_training=False,
+        seed=FLAGS.seed,
+        **common,
+    )
+    return (
+        first,
+        lambda epoch: first.dataset if epoch == 0 else train_spec(epoch).dataset,
+        evaluation,
+    )
+
+
+def build_model(num_classes: int, image_shape: tuple[int, int, int]) -> keras.Model:
+    return models.build(
+        FLAGS.model,
+        num_classes=num_classes,
+        input_shape=image_shape,
+        dtype=FLAGS.dtype,
+        **train_flags.model_options(),
+    )
+
+
+def write_run_description(model_dir: str, plan: dict) -> None:
+    """The flags (reloadable with --flagfile) and the derived plan, into the model directory."""
+    tf.io.gfile.makedirs(model_dir)
+    flagfile = FLAGS.flags_into_string()
+    with tf.io.gfile.GFile(os.path.join(model_dir, "flags.txt"), "w") as f:
+        f.write(flagfile)
+    with tf.io.gfile.GFile(os.path.join(model_dir, "plan.json"), "w") as f:
+        json.dump(plan, f, indent=2)
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "train"))
+    with writer.as_default(step=0):
+        tf.summary.text("flags", "```\n" + flagfile + "\n```")
+        tf.summary.text("plan", "```\n" + json.dumps(plan, indent=2) + "\n```")
+    writer.close()
+
+
+def report(message: str) -> None:
+    if distributed.is_rank0():
+        print(message, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    num_workers = distributed.init()
+    rank = distributed.rank()
+    try:
+        train_flags.check_world(num_workers)
+    except flags.ValidationError as error:
+        raise app.UsageError(str(error)) from error
+    # TensorFlow's INFO lines (one per checkpoint save) drown the per-epoch lines.
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    distributed.configure_threads(FLAGS.threads_per_worker or None)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    # Per-rank seeds: dropout and augmentation differ across workers; the weights are made
+    # equal by the broadcast below.
+    keras.utils.set_random_seed(FLAGS.seed + rank)
+    keras.mixed_precision.set_global_policy(FLAGS.dtype)
+
+    accum = FLAGS.grad_accum_steps
+    batch = train_flags.per_worker_batch(num_workers)
+    image_size = FLAGS.image_size or models.default_image_size(FLAGS.model)
+    train_spec, dataset_for_epoch, eval_spec = build_input(num_workers, rank, batch, image_size)
+    steps_per_epoch = train_spec.steps_per_epoch(FLAGS.global_batch_size)
+    try:
+        warmup = train_flags.warmup_steps(steps_per_epoch)
+    except flags.ValidationError as error:
+        raise app.UsageError(str(error)) from error
+    total_steps = train_flags.training_steps(steps_per_epoch)
+    peak_lr = train_flags.learning_rate(num_workers)
+    images_per_batch = batch * num_workers
+    plan = {
+        "workers": num_workers,
+        "global_batch_size": FLAGS.global_batch_size,
+        "per_worker_batch_size": batch,
+        "grad_accum_steps": accum,
+        "train_examples": train_spec.num_examples,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": warmup,
+        "peak_learning_rate": peak_lr,
+        "num_classes": train_spec.num_classes,
+        "image_shape": list(train_spec.image_shape),
+    }
+
+    model = build_model(train_spec.num_classes, train_spec.image_shape)
+    model.compile(
+        optimizer=train_flags.build_optimizer(peak_lr, total_steps, warmup, steps_per_epoch),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="top1"),
+            keras.metrics.SparseTopKCategoricalAccuracy(
+                k=min(5, train_spec.num_classes), name="top5"
+            ),
+        ],
+        jit_compile=FLAGS.xla,
+    )
+    # Average gradients once per update; then create the optimizer's slots so that rank 0's
+    # weights and state (fresh, or restored below) can be sent to every worker.
+    optimizer = distributed.distribute_optimizer(
+        model.optimizer, compression="fp16" if FLAGS.fp16_allreduce else None
+    )
+    optimizer.build(model.trainable_variables)
+    checkpointer = training.Checkpointer(
+        os.path.join(FLAGS.model_dir, training.CHECKPOINT_SUBDIR),
+        model,
+        optimizer,
+        max_to_keep=FLAGS.keep_checkpoints,
+        is_writer=distributed.is_rank0(),
+    )
+    # Rank 0 reads the checkpoint (the model directory need not be shared), then broadcasts.
+    images_seen = distributed.broadcast_object(checkpointer.restore_latest())
+    distributed.broadcast_model_and_optimizer(model, optimizer)
+    start_batches = images_seen // images_per_batch
+
+    if FLAGS.eval_only:
+        if not images_seen:
+            raise app.UsageError(f"--eval_only: no checkpoint in {FLAGS.model_dir}")
+        results = training.evaluate(model, eval_spec.dataset, FLAGS.eval_steps)
+        report(_result_line(start_batches // accum, results))
+        return 0
+
+    if distributed.is_rank0():
+        write_run_description(FLAGS.model_dir, plan)
+    if start_batches:
+        report(f"Resuming from {checkpointer.latest} at step {start_batches // accum}.")
+    report(
+        f"{FLAGS.model} on {train_spec.num_examples} images, {num_workers} worker(s) x "
+        f"{batch} x {accum} accumulation = global batch {FLAGS.global_batch_size}; "
+        f"{total_steps} steps ({steps_per_epoch}/epoch), warm-up {warmup}, peak LR {peak_lr:g}"
+    )
+
+    guard = training.RunGuard(total_steps * accum, start_batches, accum)
+    guard.install_signal_handler()
+    evaluation = training.EvaluationCallback(
+        eval_spec.dataset, guard, FLAGS.eval_every_epochs, FLAGS.eval_steps
+    )
+    run_callbacks = [
+        guard,  # first: a NaN step must be known before anything saves it
+        training.ThroughputCallback(images_per_batch),
+        callbacks.LearningRateLogger(),
+        distributed.MetricAverageCallback(),
+        evaluation,
+        training.CheckpointCallback(
+            checkpointer, guard, images_per_batch, FLAGS.checkpoint_every_steps
+        ),
+    ]
+    if FLAGS.log_every_steps:
+        run_callbacks.append(
+            callbacks.LayerStatisticsLogger(
+                os.path.join(FLAGS.model_dir, "tensorboard", "layers"),
+                every_n_steps=FLAGS.log_every_steps,
+                should_write=distributed.is_rank0,
+            )
+        )
+    if distributed.is_rank0():
+        run_callbacks += [
+            keras.callbacks.TensorBoard(
+                os.path.join(FLAGS.model_dir, "tensorboard"), write_graph=False
+            ),
+            keras.callbacks.CSVLogger(
+                os.path.join(FLAGS.model_dir, "training_log.csv"), append=True
+            ),
+        ]
+    verbose = (1 if sys.stdout.isatty() else 2) if distributed.is_rank0() else 0
+    training.fit(
+        model,
+        dataset_for_epoch,
+        guard=guard,
+        batches_per_epoch=steps_per_epoch * accum,
+        callbacks=run_callbacks,
+        verbose=verbose,
+    )
+    guard.restore_signal_handler()
+
+    if guard.stop_reason == "nan":
+        report(
+            f"Training stopped: the loss or the weights became NaN or Inf at step "
+            f"{guard.failed_step}. "
+            f"The last good checkpoint, {checkpointer.latest}, was kept."
+        )
+        return 1
+    if guard.stop_reason == "sigterm":
+        report(f"SIGTERM: stopped at step {guard.step}; checkpoint {checkpointer.latest}.")
+        return 143
+    differing = distributed.replica_mismatches(model.weights + optimizer.variables)
+    if differing:
+        report(f"ERROR: the workers' replicas differ after training in: {', '.join(differing)}")
+        return 1
+    if num_workers > 1:
+        report(f"Model and optimizer state are identical on all {num_workers} workers.")
+    results = evaluation.last_results
+    if results is None or evaluation.last_step != guard.step:
+        results = training.evaluate(model, eval_spec.dataset, FLAGS.eval_steps)
+    if distributed.is_rank0():
+        with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, "results.json"), "w") as f:
+            json.dump({"step": guard.step, **results}, f, indent=2)
+    report(_result_line(guard.step, results))
+    if train_spec.corrupt_count():
+        logging.warning("%d corrupt training images were skipped.", train_spec.corrupt_count())
+    return 0
+
+
+def _result_line(step: int, results: dict) -> str:
+    return (
+        f"Evaluation at step {step} on {results['examples']} images: "
+        f"top-1 {100 * results['top1']:.2f}%, top-5 {100 * results['top5']:.2f}%, "
+        f"loss {results['loss']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
