@@ -51,9 +51,11 @@ train: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 		$(BIN)/python train.py --flagfile=flags/demo_fashion_mnist.cfg
 
+# Benchmarks, with the peer LARS implementations (optax, timm) installed beside lars_tf first.
 bench: install
-	@test -f tools/bench.py || { echo "make bench: tools/bench.py is not written yet (issue 8)" >&2; exit 2; }
-	$(BIN)/python tools/bench.py --output docs/benchmarks.md
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps timm
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tools/bench.py --output docs/benchmarks.md
 
 # Starts a Docker engine if none runs (tools/docker_engine.sh), then builds with BuildKit.
 docker:

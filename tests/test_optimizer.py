@@ -698,3 +698,16 @@ def test_schedule_counts_updates_not_micro_batches_under_accumulation():
         # rtol: w - step loses digits in float32; the wrong rate would be off by 2x or more.
         np.testing.assert_allclose(step, rates[update] * local_lr * 0.5, rtol=1e-3)
         assert int(optimizer.iterations) == update + 1
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("shape", [(3, 3, 64, 64), (2048, 1000), (1000,), (37, 41)])
+def test_weight_norm_of_large_tensors_matches_numpy(shape, jit_compile):
+    """The blocked norm (the fast path for tensors of whole 32 x 16 blocks) equals the plain one."""
+    import tensorflow as tf
+
+    from lars_tf.optimizer import _l2_norm
+
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32") * 3.0
+    norm = tf.function(_l2_norm, jit_compile=jit_compile)(tf.constant(x))
+    np.testing.assert_allclose(float(norm), np.linalg.norm(x.astype("float64")), rtol=2e-6)
