@@ -31,14 +31,18 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import train_flags  # noqa: E402
-from lars_tf import callbacks, data, distributed, models, training  # noqa: E402
+from lars_tf import batchnorm, callbacks, data, distributed, models, training  # noqa: E402
 
 train_flags.define_all()
 FLAGS = flags.FLAGS
 
 
 def build_input(num_workers: int, rank: int, batch: int, image_size: int):
-    """`(train spec, dataset_for_epoch, eval spec)` for this worker."""
+    """`(train spec, dataset_for_epoch, eval spec, corrupt_count)` for this worker.
+
+    `corrupt_count()` is the number of undecodable training images skipped so far, over
+    every pipeline `dataset_for_epoch` built.
+    """
     source = train_flags.dataset_source()
     common = dict(
         data_dir=FLAGS.data_dir,
@@ -71,6 +75,14 @@ def build_input(num_workers: int, rank: int, batch: int, image_size: int):
         )
 
     first = train_spec(0)
+    built = [first]
+
+    def dataset_for_epoch(epoch: int) -> tf.data.Dataset:
+        if epoch == 0:
+            return first.dataset
+        built.append(train_spec(epoch))
+        return built[-1].dataset
+
     evaluation = data.build_dataset(
         source,
         split=FLAGS.eval_split,
@@ -79,11 +91,7 @@ def build_input(num_workers: int, rank: int, batch: int, image_size: int):
         seed=FLAGS.seed,
         **common,
     )
-    return (
-        first,
-        lambda epoch: first.dataset if epoch == 0 else train_spec(epoch).dataset,
-        evaluation,
-    )
+    return first, dataset_for_epoch, evaluation, lambda: sum(s.corrupt_count() for s in built)
 
 
 def build_model(num_classes: int, image_shape: tuple[int, int, int]) -> keras.Model:
@@ -139,7 +147,9 @@ def main(argv: list[str]) -> int:
     accum = FLAGS.grad_accum_steps
     batch = train_flags.per_worker_batch(num_workers)
     image_size = FLAGS.image_size or models.default_image_size(FLAGS.model)
-    train_spec, dataset_for_epoch, eval_spec = build_input(num_workers, rank, batch, image_size)
+    train_spec, dataset_for_epoch, eval_spec, corrupt_count = build_input(
+        num_workers, rank, batch, image_size
+    )
     steps_per_epoch = train_spec.steps_per_epoch(FLAGS.global_batch_size)
     try:
         warmup = train_flags.warmup_steps(steps_per_epoch)
@@ -195,6 +205,8 @@ def main(argv: list[str]) -> int:
     if FLAGS.eval_only:
         if not images_seen:
             raise app.UsageError(f"--eval_only: no checkpoint in {FLAGS.model_dir}")
+        if FLAGS.bn_recalibration_batches:
+            batchnorm.recalibrate(model, train_spec.dataset, FLAGS.bn_recalibration_batches)
         results = training.evaluate(model, eval_spec.dataset, FLAGS.eval_steps)
         report(_result_line(start_batches // accum, results))
         return 0
@@ -214,11 +226,26 @@ def main(argv: list[str]) -> int:
     evaluation = training.EvaluationCallback(
         eval_spec.dataset, guard, FLAGS.eval_every_epochs, FLAGS.eval_steps
     )
+    # Re-estimated batch-norm statistics for the epochs that evaluate (before the
+    # evaluation and the checkpoint): few large-batch steps leave the moving averages stale.
+    recalibration = (
+        [
+            batchnorm.BatchNormRecalibration(
+                train_spec.dataset,
+                FLAGS.bn_recalibration_batches,
+                FLAGS.eval_every_epochs,
+                guard,
+            )
+        ]
+        if FLAGS.bn_recalibration_batches
+        else []
+    )
     run_callbacks = [
         guard,  # first: a NaN step must be known before anything saves it
         training.ThroughputCallback(images_per_batch),
         callbacks.LearningRateLogger(),
         distributed.MetricAverageCallback(),
+        *recalibration,
         evaluation,
         training.CheckpointCallback(
             checkpointer, guard, images_per_batch, FLAGS.checkpoint_every_steps
@@ -249,14 +276,22 @@ def main(argv: list[str]) -> int:
         batches_per_epoch=steps_per_epoch * accum,
         callbacks=run_callbacks,
         verbose=verbose,
+        # --deterministic: the same batches at every step however often the run is resumed.
+        exact_resume=FLAGS.deterministic,
     )
     guard.restore_signal_handler()
+    if corrupt_count():
+        logging.warning("%d corrupt training images were skipped.", corrupt_count())
 
     if guard.stop_reason == "nan":
+        kept = (
+            f"The last good checkpoint, {checkpointer.latest}, was kept."
+            if checkpointer.latest
+            else "No checkpoint was written before it."
+        )
         report(
             f"Training stopped: the loss or the weights became NaN or Inf at step "
-            f"{guard.failed_step}. "
-            f"The last good checkpoint, {checkpointer.latest}, was kept."
+            f"{guard.failed_step}. {kept}"
         )
         return 1
     if guard.stop_reason == "sigterm":
@@ -275,8 +310,6 @@ def main(argv: list[str]) -> int:
         with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, "results.json"), "w") as f:
             json.dump({"step": guard.step, **results}, f, indent=2)
     report(_result_line(guard.step, results))
-    if train_spec.corrupt_count():
-        logging.warning("%d corrupt training images were skipped.", train_spec.corrupt_count())
     return 0
 
 

@@ -65,6 +65,13 @@ def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
         "ResNets only: zero-initialise the last BN scale of blocks.",
         flag_values=fv,
     )
+    flags.DEFINE_float(
+        "bn_momentum",
+        None,
+        "Batch-norm momentum (decay of the moving statistics; default: the model's, 0.9). "
+        "With few steps per run, lower it or use --bn_recalibration_batches.",
+        flag_values=fv,
+    )
 
 
 def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -332,6 +339,14 @@ def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
         "optimizer updates (0: off).",
         flag_values=fv,
     )
+    flags.DEFINE_integer(
+        "bn_recalibration_batches",
+        0,
+        "Before each evaluation (and --eval_only), re-estimate the batch-norm statistics "
+        "from this many training batches with the current weights (lars_tf.batchnorm); "
+        "0: off. Large batches mean few steps, and moving averages that lag the weights.",
+        flag_values=fv,
+    )
     flags.DEFINE_bool(
         "eval_only",
         False,
@@ -425,10 +440,12 @@ def register_validators(fv: flags.FlagValues = FLAGS) -> None:
         "eval_every_epochs",
         "log_every_steps",
         "threads_per_worker",
+        "bn_recalibration_batches",
     ):
         single(name, lambda v: v is not None and v >= 0, f"--{name} must be >= 0")
     single("momentum", lambda v: 0.0 <= v < 1.0, "--momentum must be in [0, 1)")
     single("dropout", lambda v: v is None or 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
+    single("bn_momentum", lambda v: v is None or 0.0 <= v < 1.0, "--bn_momentum must be in [0, 1)")
     single("lr_decay_rate", lambda v: 0.0 < v <= 1.0, "--lr_decay_rate must be in (0, 1]")
     single("channels", lambda v: v in (1, 3), "--channels must be 1 or 3")
     single(
@@ -571,7 +588,7 @@ def floats(values: list[str]) -> tuple[float, ...] | None:
 def model_options(flag_values: flags.FlagValues = FLAGS) -> dict:
     """Keyword options of `lars_tf.models.build` given on the command line."""
     options = {}
-    for name in ("width_multiplier", "groups", "dropout"):
+    for name in ("width_multiplier", "groups", "dropout", "bn_momentum"):
         if flag_values[name].value is not None:
             options[name] = flag_values[name].value
     if flag_values.zero_init_residual:

@@ -15,7 +15,10 @@ the restored optimizer (so the step counter, momentum and schedule continue exac
 position is restored to the epoch: the input is rebuilt for the epoch in progress (with the
 seed offset by the epoch, so orders differ between epochs) and the rest of that epoch is drawn
 from its start, so examples of a partly done epoch may be seen twice and others not at all in
-that one epoch. Epoch-end checkpoints make resumption exact at epoch boundaries.
+that one epoch. With `fit(..., exact_resume=True)` (train.py's `--deterministic`) every data
+epoch is its own input pipeline and the batches already consumed of a partly done epoch are
+read again and dropped, so a deterministic run interrupted anywhere and resumed ends with the
+weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -77,13 +80,15 @@ def all_finite(variables: Sequence[Any]) -> bool:
 
 
 class Checkpointer:
-    """Model, optimizer and the number of training images consumed, as TF checkpoints.
+    """Model, optimizer, random state and training images consumed, as TF checkpoints.
 
     `tf.train.CheckpointManager` makes a save atomic: the checkpoint files are written first,
     then the small `checkpoint` index is replaced in one rename, so a crash while writing
     leaves the index naming the previous, complete checkpoint. Only the last `max_to_keep`
     are kept. Only the writer (rank 0) touches the directory; after `restore_latest` the
-    caller broadcasts the state to the other workers.
+    caller broadcasts the state to the other workers. The state of the model's random layers
+    (dropout's seed generators, which Keras leaves out of the model's checkpoint) is saved
+    too, so that a resumed single-process run draws the masks an uninterrupted one would.
 
     Args:
         directory: Where the checkpoints go (created on the first save).
@@ -104,13 +109,17 @@ class Checkpointer:
         if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(f"`max_to_keep` must be an int >= 1. Received: {max_to_keep!r}")
         self.directory = os.fspath(directory)
+        self.max_to_keep = max_to_keep
         self.model = model
         self.is_writer = is_writer
         # Images, not batches: the data position survives a change of the worker count.
         self._images = tf.Variable(0, dtype=tf.int64, trainable=False, name="images_seen")
-        self._checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, images_seen=self._images
-        )
+        state = dict(model=model, optimizer=optimizer, images_seen=self._images)
+        weights = {id(v) for v in model.weights}
+        random_state = [v for v in model.variables if id(v) not in weights]
+        if random_state:
+            state["random_state"] = random_state
+        self._checkpoint = tf.train.Checkpoint(**state)
         self._manager = None
         if is_writer:
             self._manager = tf.train.CheckpointManager(
@@ -160,6 +169,56 @@ class Checkpointer:
             )
         self._images.assign(images_seen)
         return self._manager.save(checkpoint_number=step)
+
+    def discard_from(self, step: int) -> list[str]:
+        """Delete the checkpoints of `step` and later (writer only), e.g. ones whose weights
+        turned out to give a NaN/Inf loss; the newest earlier one becomes the latest.
+
+        The `checkpoint` index is rewritten (atomically) before any file is deleted, so a
+        crash in between leaves stray files, never an index naming a deleted checkpoint.
+
+        Returns:
+            The path prefixes deleted.
+        """
+        if not self.is_writer:
+            return []
+        state = tf.train.get_checkpoint_state(self.directory)
+        if state is None:
+            return []
+        paths = list(state.all_model_checkpoint_paths)
+        times = list(state.all_model_checkpoint_timestamps) or [0.0] * len(paths)
+        dropped = [p for p in paths if int(p.rsplit("-", 1)[1]) >= step]
+        if not dropped:
+            return []
+        kept = [(p, t) for p, t in zip(paths, times, strict=True) if p not in dropped]
+        if kept:
+            # Relative names, as CheckpointManager writes them (the directory may move).
+            names = [os.path.basename(p) for p, _ in kept]
+            # CheckpointManager cannot drop a checkpoint; this (TF1-era) function rewrites its
+            # index. Its deprecation notice, which points to CheckpointManager, is silenced.
+            logger = tf.get_logger()
+            level = logger.level
+            logger.setLevel("ERROR")
+            try:
+                tf.compat.v1.train.update_checkpoint_state(
+                    self.directory,
+                    names[-1],
+                    all_model_checkpoint_paths=names,
+                    all_model_checkpoint_timestamps=[t for _, t in kept],
+                    last_preserved_timestamp=state.last_preserved_timestamp,
+                )
+            finally:
+                logger.setLevel(level)
+        else:
+            tf.io.gfile.remove(os.path.join(self.directory, "checkpoint"))
+        for path in dropped:
+            for name in tf.io.gfile.glob(f"{path}.*"):
+                tf.io.gfile.remove(name)
+        # A new manager reads the rewritten index (the old one still lists the deleted ones).
+        self._manager = tf.train.CheckpointManager(
+            self._checkpoint, self.directory, max_to_keep=self.max_to_keep
+        )
+        return dropped
 
 
 class RunGuard(keras.callbacks.Callback):
@@ -234,9 +293,10 @@ class CheckpointCallback(keras.callbacks.Callback):
     """Checkpoint every N optimizer steps, at each epoch end and when training stops.
 
     Every worker runs it (the batch-norm statistics are averaged across workers first, a
-    collective), the writer saves. Nothing is saved once `guard` saw a NaN/Inf loss; weights
-    found non-finite at a save stop the run the same way (`guard.stop_reason == "nan"`), so
-    the last good checkpoint survives.
+    collective), the writer saves. Nothing is saved once `guard` saw a NaN/Inf loss, and the
+    checkpoint of that step is deleted: its weights are the ones that gave the bad loss, so
+    resuming from it would fail at once. Weights found non-finite at a save stop the run the
+    same way (`guard.stop_reason == "nan"`). So the last good checkpoint is the latest.
     Saves happen on optimizer-step boundaries only (never inside a gradient accumulation).
 
     Args:
@@ -259,6 +319,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.images_per_batch = images_per_batch
         self.every_n_steps = every_n_steps
         self._saved_at = guard.batches_seen
+        self._nan_handled = False
 
     def _save(self) -> None:
         guard = self.guard
@@ -272,12 +333,18 @@ class CheckpointCallback(keras.callbacks.Callback):
         if not all_finite(self.model.weights):
             guard.stop_reason = "nan"
             guard.failed_step = guard.step - 1
+            self._nan_handled = True  # nothing saved; the checkpoints so far are good
             self.model.stop_training = True
             return
         self.checkpointer.save(guard.batches_seen * self.images_per_batch, guard.step)
         self._saved_at = guard.batches_seen
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.guard.stop_reason == "nan" and not self._nan_handled:
+            # The loss of step `failed_step` was computed with the weights saved as that
+            # step's checkpoint (the guard runs first, so the loss is the newest news).
+            self.checkpointer.discard_from(self.guard.failed_step)
+            self._nan_handled = True
         step = self.guard.step
         at_boundary = self.guard.batches_seen % self.guard.accumulation_steps == 0
         if self.every_n_steps and at_boundary and step % self.every_n_steps == 0:
@@ -421,7 +488,9 @@ class Segment:
     data_epoch: int
 
 
-def plan_segments(start_batches: int, total_batches: int, batches_per_epoch: int) -> list[Segment]:
+def plan_segments(
+    start_batches: int, total_batches: int, batches_per_epoch: int, one_per_epoch: bool = False
+) -> list[Segment]:
     """Split the rest of a run into `fit` calls whose epochs line up with data epochs.
 
     A run resumed mid-epoch first finishes that epoch (a shorter Keras epoch of the same
@@ -431,6 +500,7 @@ def plan_segments(start_batches: int, total_batches: int, batches_per_epoch: int
         start_batches: Micro-batches already consumed per worker.
         total_batches: Micro-batches of the whole run per worker.
         batches_per_epoch: Micro-batches per epoch per worker.
+        one_per_epoch: One segment per data epoch instead of one for all the whole epochs.
 
     Returns:
         The segments to run, possibly none.
@@ -443,7 +513,9 @@ def plan_segments(start_batches: int, total_batches: int, batches_per_epoch: int
     if offset:
         segments.append(Segment(epoch, epoch + 1, batches_per_epoch - offset, epoch))
         epoch += 1
-    if epoch < last_epoch:
+    if one_per_epoch:
+        segments += [Segment(e, e + 1, batches_per_epoch, e) for e in range(epoch, last_epoch)]
+    elif epoch < last_epoch:
         segments.append(Segment(epoch, last_epoch, batches_per_epoch, epoch))
     return segments
 
@@ -456,6 +528,7 @@ def fit(
     batches_per_epoch: int,
     callbacks: Sequence[keras.callbacks.Callback],
     verbose: int | str = "auto",
+    exact_resume: bool = False,
 ) -> list[keras.callbacks.History]:
     """Train from `guard.batches_seen` to `guard.total_batches` with `model.fit`.
 
@@ -468,14 +541,28 @@ def fit(
         batches_per_epoch: Micro-batches per epoch per worker.
         callbacks: Callbacks for every `fit` call.
         verbose: Keras' `verbose` (0 on workers other than rank 0).
+        exact_resume: Make the batches of each step independent of interruptions: one `fit`
+            call per data epoch, each on `dataset_for_epoch(epoch)` (an uninterrupted run
+            also starts every epoch from a fresh pipeline, as a resumed one must), and a
+            partly done epoch skips the batches it consumed before the interruption (they
+            are read and decoded again, once, on resume). With a deterministic pipeline and
+            deterministic ops, a resumed run then ends with the weights of an uninterrupted
+            one.
 
     Returns:
         The `History` of each `fit` call, in order.
     """
     histories = []
-    for segment in plan_segments(guard.batches_seen, guard.total_batches, batches_per_epoch):
+    segments = plan_segments(
+        guard.batches_seen, guard.total_batches, batches_per_epoch, one_per_epoch=exact_resume
+    )
+    for segment in segments:
+        dataset = dataset_for_epoch(segment.data_epoch)
+        consumed = batches_per_epoch - segment.steps_per_epoch
+        if exact_resume and consumed:
+            dataset = dataset.skip(consumed)
         history = model.fit(
-            dataset_for_epoch(segment.data_epoch),
+            dataset,
             initial_epoch=segment.initial_epoch,
             epochs=segment.epochs,
             steps_per_epoch=segment.steps_per_epoch,

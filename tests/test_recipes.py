@@ -20,7 +20,9 @@ import train_flags  # noqa: E402
 from lars_tf.data.synthetic import IMAGENET_EXAMPLES  # noqa: E402
 
 RECIPES = sorted((REPO / "flags").glob("*.cfg"))
-PAPER_RECIPES = [r for r in RECIPES if not r.name.startswith("demo_")]
+# flags/cifar10_*.cfg are the bases of tools/sweep.py (it adds batch, LR and epochs; parsed in
+# tests/test_sweep.py), not rows of the paper's tables.
+PAPER_RECIPES = [r for r in RECIPES if not r.name.startswith(("demo_", "cifar10_"))]
 
 
 def parse(*argv: str) -> flags.FlagValues:
@@ -159,3 +161,21 @@ def test_learning_rate_scaling(dirs):
     assert train_flags.learning_rate(4, values) == pytest.approx(0.4)
     values = parse(*dirs, "--learning_rate=0.1", "--lr_scaling=workers")
     assert train_flags.learning_rate(4, values) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("method", ["sgd", "sgd_warmup", "lars"])
+def test_sweep_recipes_parse_with_the_sweeps_flags(method, tmp_path):
+    """tools/sweep.py's bases, completed the way the sweep completes them, validate."""
+    values = parse(
+        f"--flagfile={REPO / 'flags' / f'cifar10_{method}.cfg'}",
+        f"--data_dir={tmp_path}",
+        f"--model_dir={tmp_path / 'model'}",
+        "--model=alexnet_bn_small",
+        "--global_batch_size=1024",
+        "--learning_rate=1",
+        "--epochs=3",
+        "--warmup_epochs=1",
+        "--bn_recalibration_batches=2",
+    )
+    assert values.optimizer == ("lars" if method == "lars" else "sgd")
+    assert values.dataset == "folder"

@@ -110,9 +110,11 @@ def _decode_counting_skips(
     *,
     finite: bool,
     base_seed: tuple[int, int],
+    num_classes: int,
 ) -> tf.data.Dataset:
     """Raw records -> `(image, label)`, dropping the undecodable ones and counting them
-    in `corrupt` (see the module docstring)."""
+    in `corrupt` (see the module docstring). A label outside `[0, num_classes)` is an
+    error, raised after the skipping (it must not be skipped as a corrupt image)."""
     dataset = dataset.map(lambda *raw: (raw, False))
     if finite:
         end = _sentinel(dataset.element_spec[0]).map(lambda *raw: (raw, True))
@@ -145,7 +147,18 @@ def _decode_counting_skips(
     dataset = dataset.scan(tf.constant(0, tf.int64), count_skipped)
     if finite:
         dataset = dataset.filter(lambda image, label, is_end: tf.logical_not(is_end))
-    return dataset.map(lambda image, label, is_end: (image, label))
+
+    def check_label(image, label, is_end):
+        # Out-of-range labels make the loss fail on a CPU and silently NaN on a GPU; say why.
+        in_range = tf.logical_and(label >= 0, label < num_classes)
+        message = (
+            f"a label is outside [0, num_classes={num_classes}): the data has more classes "
+            "than num_classes (train.py: --num_classes), or labels that are not 0-based. Label:"
+        )
+        with tf.control_dependencies([tf.debugging.Assert(in_range, [message, label])]):
+            return image, tf.identity(label)
+
+    return dataset.map(check_label)
 
 
 def build_dataset(
@@ -273,6 +286,7 @@ def build_dataset(
         corrupt,
         finite=not is_training,
         base_seed=(augment_seed, shard_index),
+        num_classes=records.num_classes,
     )
     dataset = dataset.batch(batch_size, drop_remainder=is_training)
     dataset = dataset.prefetch(AUTOTUNE)

@@ -9,6 +9,7 @@ skipped and counted in one place for every source.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Read buffer per TFRecord file and files read at once (TF Model Garden's ImageNet values).
 READ_BUFFER_BYTES = 8 * 1024 * 1024
 CYCLE_LENGTH = 16
+# A TFRecord record is its data framed by a length (8 bytes) and two CRCs (4 bytes each).
+RECORD_FRAMING_BYTES = 16
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
 # Split names tried, in order, for a folder tree; "validation" falls back to test/ (CIFAR-10).
 FOLDER_SPLITS = {
@@ -95,19 +98,66 @@ def read_files(
     return dataset
 
 
+def _report_if_damaged(path: tf.Tensor, bytes_read: tf.Tensor) -> bool:
+    """Logs a warning naming `path` when fewer than all its bytes were read as records."""
+    name = path.numpy().decode()
+    size = tf.io.gfile.stat(name).length
+    if int(bytes_read) != size:
+        logging.warning(
+            "TFRecord file %s is damaged (truncated or corrupted): only its first %d of %d "
+            "bytes held readable records; the rest of the file is skipped",
+            name,
+            int(bytes_read),
+            size,
+        )
+    return True
+
+
 def _tfrecord_reader(path: tf.Tensor) -> tf.data.Dataset:
-    return tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES)
+    """The records of one file; a damaged file is named in the log when its reading ends.
+
+    The read error itself (truncated file, bad checksum) goes on down the pipeline, which
+    drops it and counts it (see `pipeline`), but its message does not name the file. So the
+    bytes of the records read are added up (in the graph: no Python per record), and one
+    empty element after the last record compares the sum with the file's size (Python once
+    per file); that element is then dropped.
+    """
+    records = tf.data.TFRecordDataset(path, buffer_size=READ_BUFFER_BYTES)
+    end = tf.data.Dataset.from_tensors((tf.constant(b""), True))
+    records = records.map(lambda record: (record, False)).concatenate(end)
+
+    def add_up(bytes_read, element):
+        record, is_end = element
+        is_end = tf.cond(
+            is_end,
+            lambda: tf.py_function(_report_if_damaged, [path, bytes_read], tf.bool),
+            lambda: tf.constant(False),
+        )
+        bytes_read += tf.cast(tf.strings.length(record), tf.int64) + RECORD_FRAMING_BYTES
+        return bytes_read, (record, is_end)
+
+    records = records.scan(tf.constant(0, tf.int64), add_up)
+    return records.filter(lambda record, is_end: tf.logical_not(is_end)).map(
+        lambda record, is_end: record
+    )
+
+
+def _count_file_records(path: str) -> int:
+    try:
+        return int(
+            tf.data.TFRecordDataset(path).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+        )
+    except tf.errors.DataLossError as error:
+        reason = error.message.split("}} ")[-1].split(" [Op:")[0]
+        raise ValueError(
+            f"TFRecord file {path!r} is damaged ({reason}); re-create it, or remove it"
+        ) from error
 
 
 def _count_records(files: Sequence[str]) -> int:
-    dataset = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
-        _tfrecord_reader, cycle_length=min(CYCLE_LENGTH, len(files)), num_parallel_calls=AUTOTUNE
-    )
-    try:
-        return int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
-    except tf.errors.DataLossError as error:
-        folder = os.path.dirname(files[0])
-        raise ValueError(f"a TFRecord file in {folder!r} is damaged: {error.message}") from error
+    # One file per thread (TensorFlow releases the GIL), so that a damaged file is named.
+    with concurrent.futures.ThreadPoolExecutor(min(CYCLE_LENGTH, len(files))) as pool:
+        return sum(pool.map(_count_file_records, files))
 
 
 def tfrecord_files(data_dir: str, split: str) -> tuple[list[str], int | None]:
@@ -187,7 +237,12 @@ def tfds_source(
         raise ValueError(f"{name} has no split {split!r}; it has {sorted(splits)}")
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     label_feature = builder.info.features[label_key]
-    num_classes = num_classes or getattr(label_feature, "num_classes", None)
+    known = getattr(label_feature, "num_classes", None)
+    if num_classes is not None and known is not None and num_classes < known:
+        raise ValueError(
+            f"num_classes={num_classes} but {name}'s {label_key!r} feature has {known} classes"
+        )
+    num_classes = num_classes or known
     if not num_classes:
         raise ValueError(f"{name}'s {label_key!r} feature is not a ClassLabel: pass num_classes")
     options = tf.data.Options()

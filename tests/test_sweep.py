@@ -1,0 +1,214 @@
+"""tools/sweep.py: resumability, the order of runs, and the report, on fake runs.
+
+The runs here are fakes (an executor that writes what train.py writes) so that the grid logic
+is tested in a second; `test_train_arguments_parse` checks the real command lines against
+train.py's flags and the recipe files.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import sweep  # noqa: E402
+
+TINY = sweep.Protocol(
+    name="tiny",
+    models=("alexnet_bn_small",),
+    epochs=2,
+    baseline_batch=128,
+    batches=(1024, 2048),
+    baseline_lrs=(0.05, 0.1),
+    sgd_base_lrs=(0.05, 0.1),
+    lars_base_lrs=(5.0, 10.0, 20.0),
+    warmup_epochs=1,
+)
+
+
+def fake_accuracy(run: sweep.Run) -> float:
+    """A made-up outcome: LARS best at its middle rate, SGD + warm-up worse at larger
+    batches, longer runs better."""
+    if run.method == "lars":
+        return 0.6 - abs(run.lr - 10.0 * (run.batch / 1024) ** 0.5) / 100 + run.epochs / 100
+    return 0.5 - run.batch / 1e5 + run.lr / 100
+
+
+class FakeTrain:
+    """Writes `results.json` and `training_log.csv` as train.py does; exits as told."""
+
+    def __init__(self, exit_codes: dict[str, int] | None = None):
+        self.calls: list[str] = []
+        self.exit_codes = exit_codes or {}
+
+    def __call__(self, run: sweep.Run, model_dir: Path) -> int:
+        self.calls.append(run.name)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        code = self.exit_codes.get(run.name, 0)
+        if code == 0:
+            top1 = fake_accuracy(run)
+            (model_dir / "results.json").write_text(
+                json.dumps({"step": 10, "top1": top1, "top5": 0.9, "loss": 1.0})
+            )
+            (model_dir / "training_log.csv").write_text("epoch,loss,top1\n0,2.0,0.3\n1,1.5,0.5\n")
+        return code
+
+
+def test_runs_order_and_rates():
+    runs = sweep.scaling_runs(TINY)
+    # 1 baseline cell x 2 rates + 2 batches x (2 SGD rates + 3 LARS rates), + the ablation.
+    assert len(runs) == 2 + 2 * (2 + 3) + 1
+    assert len({r.name for r in runs}) == len(runs)
+    # The batch-norm ablation follows its twin: the LARS cell nearest 4096, middle rate,
+    # without re-estimation.
+    ablation = runs.pop(3)
+    # The middle rate of each of the 5 cells comes first.
+    first = runs[:5]
+    assert [(r.method, r.batch) for r in first] == [
+        ("sgd", 128),
+        ("sgd_warmup", 2048),
+        ("lars", 2048),
+        ("sgd_warmup", 1024),
+        ("lars", 1024),
+    ]
+    assert [r.lr for r in first] == [0.1, 1.6, 14.1, 0.8, 10.0]
+    assert (ablation.part, ablation.method, ablation.batch, ablation.lr) == (
+        "bn_ablation",
+        "lars",
+        2048,
+        14.1,
+    )
+    assert ablation.name.endswith("_movingstats") and "--bn_recalibration_batches=0" in (
+        ablation.train_args(TINY, Path("/x"))
+    )
+    assert all(r.recalibrate for r in runs if r is not ablation)
+    assert sweep.cell_lrs(TINY, "sgd_warmup", 2048) == [0.8, 1.6]  # linear scaling from 128
+    assert sweep.cell_lrs(TINY, "lars", 2048) == [7.07, 14.1, 28.3]  # sqrt scaling from 1K
+    assert all(r.warmup_epochs == 0 for r in runs if r.method == "sgd")
+    assert all(r.warmup_epochs == 1 for r in runs if r.method != "sgd")
+
+
+def test_sweep_resumes_and_never_redoes_finished_runs(tmp_path):
+    fake = FakeTrain()
+    records = sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", fake, max_runs=4)
+    assert len(fake.calls) == 4 and len(records) == 4
+    again = FakeTrain()
+    records = sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", again)
+    assert not set(again.calls) & set(fake.calls)
+    # All scaling runs, then the 3 train-longer runs with the best LARS rate of batch 2048.
+    assert len(records) == 13 + 3
+    longer = [r for r in records.values() if r["part"] == "longer"]
+    assert sorted(r["epochs"] for r in longer) == [2.5, 3.0, 4.0]
+    assert {r["lr"] for r in longer} == {14.1} and {r["batch"] for r in longer} == {2048}
+    # They ran as soon as they could, before the baseline's other rate (the slowest run).
+    order = fake.calls + again.calls
+    assert order[-1] == "alexnet_bn_small_sgd_b128_lr0.05_e2_s1"
+    assert [n for n in order if "_e2_" not in n] == [
+        "alexnet_bn_small_lars_b2048_lr14.1_e2.5_s1",
+        "alexnet_bn_small_lars_b2048_lr14.1_e3_s1",
+        "alexnet_bn_small_lars_b2048_lr14.1_e4_s1",
+    ]
+    third = FakeTrain()
+    sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", third)
+    assert third.calls == []
+
+
+def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):
+    runs = sweep.scaling_runs(TINY)
+    diverging, crashing = runs[1].name, runs[2].name  # SGD + warm-up and LARS at 2048
+    fake = FakeTrain({diverging: 1, crashing: 2})
+    with pytest.raises(SystemExit, match="exit status 2"):
+        sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", fake)
+    assert fake.calls == [runs[0].name, diverging, crashing]
+    # The crash is retried on the next start (train.py resumes it); the divergence is not.
+    retry = FakeTrain()
+    records = sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", retry, max_runs=1)
+    assert retry.calls == [crashing]
+    assert records[diverging]["status"] == "diverged" and records[diverging]["top1"] is None
+
+
+def test_report_tables_mark_partial_results(tmp_path):
+    fake = FakeTrain({sweep.scaling_runs(TINY)[4].name: 1})  # SGD + warm-up, 1024
+    sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", fake, max_runs=6)
+    page = (tmp_path / "results" / "cifar10_tiny.md").read_text()
+    assert "Runs finished: 5 of 12 batch-scaling runs and 0 of 3 train-longer runs" in page
+    assert "**partial**" in page
+    # Best per cell: the LARS 1024 cell has one run, LR 10, 0.6 + 0.02 -> 62.00.
+    assert "| alexnet_bn_small | LARS + warm-up + poly(2) | 1024 | 62.00 | 10 | 1 / 3 |" in page
+    # The SGD + warm-up 1024 run diverged: it counts as done, with no accuracy.
+    assert "| 1024 | diverged | - | 1 / 2 (1 diverged) |" in page
+    assert "LR 7.07: not run" in page
+    assert "| alexnet_bn_small | LARS + warm-up + poly(2) | 2048 | 14.1 | 61.96 | 61.96 |" in page
+    assert "| alexnet_bn_small | 2048 | 61.96 | not run | not run | not run |" in page
+    assert (tmp_path / "results" / "cifar10_tiny_accuracy_vs_batch.png").stat().st_size > 1000
+    logs = sorted((tmp_path / "results" / "logs" / "tiny").glob("*.csv"))
+    assert len(logs) == 5  # the diverged run wrote no log
+    with open(tmp_path / "results" / "cifar10_tiny_runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"done", "diverged"}
+
+
+def test_train_arguments_parse(tmp_path):
+    """The real command line of every kind of run is accepted by train.py's flags."""
+    pytest.importorskip("tensorflow")
+    from absl import flags
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import train_flags
+
+    data_dir = tmp_path / "cifar"
+    (data_dir / "train").mkdir(parents=True)
+    for run in sweep.scaling_runs(TINY)[:3]:
+        values = flags.FlagValues()
+        train_flags.define_all(values)
+        args = run.train_args(TINY, tmp_path / run.name) + [f"--data_dir={data_dir}"]
+        cwd = Path.cwd()
+        try:
+            os.chdir(REPO_ROOT)  # the recipes name each other relative to the repository
+            values(["train.py", *args])
+        finally:
+            os.chdir(cwd)
+        assert values.optimizer == ("lars" if run.method == "lars" else "sgd")
+        assert values.learning_rate == pytest.approx(run.lr)
+        assert values.global_batch_size == run.batch
+        assert values.bn_recalibration_batches == -(-TINY.recalibration_images // run.batch)
+        assert values.preprocessing == "cifar" and values.eval_split == "test"
+        assert dataclasses.asdict(run)["epochs"] == values.epochs
+
+
+def test_layer_table_from_trust_ratio_events(tmp_path):
+    """tools/layer_table.py reads LayerStatisticsLogger's event layout into Table 2's."""
+    tf = pytest.importorskip("tensorflow")
+    import layer_table
+
+    run = tmp_path / "b256"
+    writer = tf.summary.create_file_writer(str(run / "tensorboard" / "layers"))
+    norms = {"conv1/kernel": (5.76, 1.0), "conv1/bias": (1.61, 0.22), "fc8/kernel": (3.0, 0.5)}
+    with writer.as_default():
+        for step in range(3):
+            for path, (w, g) in norms.items():
+                tf.summary.scalar(f"weight_norm/{path}", w + step, step=step)
+                tf.summary.scalar(f"grad_norm/{path}", g, step=step)
+                tf.summary.scalar(f"local_lr/{path}", 0.001 * (w + step) / g, step=step)
+    writer.close()
+    (run / "plan.json").write_text(json.dumps({"global_batch_size": 256}))
+    names, rows = layer_table.table(layer_table.read_layer_log(run), step=0)
+    assert names == ["conv1.b", "conv1.w", "fc8.w"]  # network order, bias first
+    assert rows[0] == pytest.approx([1.61, 5.76, 3.0])
+    assert rows[2] == pytest.approx([1.61 / 0.22, 5.76, 6.0])
+    outputs = layer_table.write_outputs([str(run)], str(tmp_path / "table2"), 0)
+    page = outputs[0].read_text()
+    assert "Batch 256, update 0" in page and "| ‖w‖ | 1.61 | 5.76 | 3 |" in page
+    assert outputs[2].stat().st_size > 1000
+    with open(outputs[1]) as f:
+        assert len(list(csv.reader(f))) == 1 + 3 * 3 * 3
+    with pytest.raises(ValueError, match="update 7 was not logged"):
+        layer_table.table(layer_table.read_layer_log(run), step=7)

@@ -1,0 +1,675 @@
+#!/usr/bin/env python
+"""The LARS paper's claims in small, on CIFAR-10: one resumable command, then its report.
+
+    nohup nice -n 19 .venv/bin/python tools/sweep.py > data/sweep.log 2>&1 &
+    .venv/bin/python tools/sweep.py --protocol=full      # both models, longer budget
+    .venv/bin/python tools/sweep.py --list               # the runs and their state
+    .venv/bin/python tools/sweep.py --report_only        # tables and plots of what ran
+
+Each run is one `train.py` process (flag files `flags/cifar10_{sgd,sgd_warmup,lars}.cfg`
+plus the run's model, batch, learning rate, epochs, warm-up and seed) in its own directory
+under `--runs_dir`. A run is finished when its `results.json` exists, or when `train.py`
+exited 1 (the loss diverged: recorded, not retried); finished runs are never redone, and an
+interrupted run resumes from its checkpoint when the sweep is started again.
+
+Order, so that partial results are useful early: the middle learning rate of every cell
+(method x batch) first, then the other rates, then the "train longer" runs (they need the
+best rate of the largest batch). After every run the report is rewritten in
+`--results_dir`: `cifar10_<protocol>.md` (the LR sweep, the best accuracy per cell with its
+rate, the train-longer table, what is still missing), `cifar10_<protocol>_*.png`, a summary
+`cifar10_<protocol>_runs.csv`, and each run's per-epoch `training_log.csv` under
+`logs/<protocol>/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from absl import app, flags
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+METHODS = ("sgd", "sgd_warmup", "lars")
+METHOD_TITLES = {
+    "sgd": "SGD (baseline)",
+    "sgd_warmup": "SGD + linear scaling + warm-up",
+    "lars": "LARS + warm-up + poly(2)",
+}
+# Command-line options of train.py per model (CPU-friendly: ungrouped convolutions).
+MODEL_FLAGS = {
+    "alexnet_bn_small": ("--groups=1", "--dropout=0"),
+    "resnet20_cifar": (),
+    "resnet32_cifar": (),
+}
+# Train-longer runs (Table 5 of the paper): multiples of the epoch budget.
+LONGER = (1.25, 1.5, 2.0)
+
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """What one sweep runs.
+
+    Attributes:
+        name: Names the run directories and the report files.
+        models: `lars_tf.models` names, swept in this order.
+        epochs: The fixed epoch budget of every cell.
+        baseline_batch: Batch of the SGD baseline.
+        batches: Large batches, each with SGD + warm-up and LARS.
+        baseline_lrs: Learning rates of the baseline.
+        sgd_base_lrs: Rates per `baseline_batch` images; at batch B the run uses
+            `rate * B / baseline_batch` (linear scaling).
+        lars_base_lrs: LARS global rates at batch 1024; at batch B the run uses
+            `rate * sqrt(B / 1024)` (the paper's AlexNet-BN rates grow about so: 10 at 4K,
+            14 at 8K, 23 at 16K).
+        warmup_epochs: Warm-up of the large-batch runs (the baseline has none).
+        seeds: Seeds per configuration.
+        recalibration_images: Images (rounded up to whole batches) from which the batch-norm
+            statistics are re-estimated before the evaluation.
+    """
+
+    name: str
+    models: tuple[str, ...]
+    epochs: float
+    baseline_batch: int
+    batches: tuple[int, ...]
+    baseline_lrs: tuple[float, ...]
+    sgd_base_lrs: tuple[float, ...]
+    lars_base_lrs: tuple[float, ...]
+    warmup_epochs: float
+    seeds: tuple[int, ...] = (1,)
+    recalibration_images: int = 8192
+
+
+PROTOCOLS = {
+    p.name: p
+    for p in (
+        Protocol(
+            name="quick",
+            models=("alexnet_bn_small",),
+            epochs=3,
+            baseline_batch=128,
+            batches=(1024, 2048, 4096, 8192),
+            baseline_lrs=(0.02, 0.05, 0.1),
+            sgd_base_lrs=(0.02, 0.05, 0.1),
+            lars_base_lrs=(2.5, 5.0, 10.0),
+            warmup_epochs=1,
+        ),
+        Protocol(
+            name="full",
+            models=("alexnet_bn_small", "resnet20_cifar"),
+            epochs=20,
+            baseline_batch=128,
+            batches=(1024, 2048, 4096, 8192),
+            baseline_lrs=(0.02, 0.05, 0.1, 0.2),
+            sgd_base_lrs=(0.02, 0.05, 0.1, 0.2),
+            lars_base_lrs=(2.5, 5.0, 10.0, 20.0),
+            warmup_epochs=2,
+        ),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One `train.py` process. `part` is "scaling", "longer" or "bn_ablation"; `lr` is the
+    peak rate used; `recalibrate` whether the batch-norm statistics are re-estimated before
+    the evaluation (else: the moving averages of training, momentum 0.9)."""
+
+    part: str
+    model: str
+    method: str
+    batch: int
+    lr: float
+    epochs: float
+    warmup_epochs: float
+    seed: int
+    recalibrate: bool = True
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.model}_{self.method}_b{self.batch}_lr{self.lr:g}_e{self.epochs:g}"
+            f"_s{self.seed}" + ("" if self.recalibrate else "_movingstats")
+        )
+
+    def train_args(self, protocol: Protocol, model_dir: Path) -> list[str]:
+        """Arguments of `train.py` for this run."""
+        recalibration = max(1, math.ceil(protocol.recalibration_images / self.batch))
+        if not self.recalibrate:
+            recalibration = 0
+        return [
+            f"--flagfile=flags/cifar10_{self.method}.cfg",
+            f"--model={self.model}",
+            *MODEL_FLAGS.get(self.model, ()),
+            f"--global_batch_size={self.batch}",
+            f"--learning_rate={self.lr:g}",
+            f"--epochs={self.epochs:g}",
+            f"--warmup_epochs={self.warmup_epochs:g}",
+            f"--seed={self.seed}",
+            f"--bn_recalibration_batches={recalibration}",
+            f"--model_dir={model_dir}",
+        ]
+
+
+def cell_lrs(protocol: Protocol, method: str, batch: int) -> list[float]:
+    """The learning rates swept in one cell (peak rates, scaling applied)."""
+    if method == "sgd":
+        return list(protocol.baseline_lrs)
+    if method == "sgd_warmup":
+        return [round(r * batch / protocol.baseline_batch, 6) for r in protocol.sgd_base_lrs]
+    return [float(f"{r * math.sqrt(batch / 1024):.3g}") for r in protocol.lars_base_lrs]
+
+
+def cells(protocol: Protocol, model: str) -> list[tuple[str, int]]:
+    """(method, batch) of every cell of one model: the baseline, then each large batch."""
+    return [("sgd", protocol.baseline_batch)] + [
+        (method, batch) for batch in protocol.batches for method in ("sgd_warmup", "lars")
+    ]
+
+
+def scaling_runs(protocol: Protocol) -> list[Run]:
+    """The batch-scaling runs in launch order (see `_scaling_groups`)."""
+    first, rest, baseline_rest = _scaling_groups(protocol)
+    return first + rest + baseline_rest
+
+
+def _scaling_groups(protocol: Protocol) -> tuple[list[Run], list[Run], list[Run]]:
+    """The batch-scaling runs in three groups, each in launch order.
+
+    First the middle rate of every cell: the baseline, then the largest batch down (the cells
+    the paper is about), with the batch-norm ablation (LARS at the batch nearest 4096, its
+    middle rate, evaluated with the moving-average statistics) right after its twin; then the
+    other rates in the same order, the baseline's last (the slowest runs: small batches use
+    a CPU least well).
+    """
+    ablation_batch = min(protocol.batches, key=lambda b: abs(b - 4096))
+    first, rest, baseline_rest = [], [], []
+    for model in protocol.models:
+        for seed in protocol.seeds:
+            baseline, *large = cells(protocol, model)
+            for method, batch in [baseline, *sorted(large, key=lambda c: -c[1])]:
+                lrs = cell_lrs(protocol, method, batch)
+                middle = len(lrs) // 2
+                warmup = 0.0 if method == "sgd" else protocol.warmup_epochs
+                for index, lr in enumerate(lrs):
+                    run = Run("scaling", model, method, batch, lr, protocol.epochs, warmup, seed)
+                    if index != middle:
+                        (baseline_rest if method == "sgd" else rest).append(run)
+                        continue
+                    first.append(run)
+                    if (method, batch, seed) == ("lars", ablation_batch, protocol.seeds[0]):
+                        ablation = dataclasses.replace(run, part="bn_ablation", recalibrate=False)
+                        first.append(ablation)
+    return first, rest, baseline_rest
+
+
+def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
+    """Every run known so far in launch order: the middle rates of all cells, the
+    train-longer runs (as soon as the largest batch's LARS cell is complete: they are
+    planned from it), the other rates, the baseline's last (its runs are the slowest)."""
+    first, rest, baseline_rest = _scaling_groups(protocol)
+    return first + longer_runs(protocol, records) + rest + baseline_rest
+
+
+def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
+    """Train-longer runs (LARS, largest batch, best rate of the 1x cell), once that cell's
+    sweep is complete; none before."""
+    runs = []
+    batch = max(protocol.batches)
+    for model in protocol.models:
+        for seed in protocol.seeds:
+            cell = [
+                records.get(r.name)
+                for r in scaling_runs(protocol)
+                if r.part == "scaling"
+                and (r.model, r.method, r.batch, r.seed) == (model, "lars", batch, seed)
+            ]
+            if not cell or any(c is None for c in cell):
+                continue
+            best = max(cell, key=lambda c: c.get("top1") or -1.0)
+            for factor in LONGER:
+                epochs = protocol.epochs * factor
+                warmup = protocol.warmup_epochs
+                runs.append(Run("longer", model, "lars", batch, best["lr"], epochs, warmup, seed))
+    return runs
+
+
+# Running.
+
+
+def prepare_data(data_dir: Path) -> None:
+    """Extract CIFAR-10 from the shared tarball into `data_dir` unless it is there."""
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        return
+    if not SHARED_CIFAR.is_file():
+        raise FileNotFoundError(f"no CIFAR-10 at {data_dir} and no tarball at {SHARED_CIFAR}")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(SHARED_CIFAR) as tar:
+        tar.extractall(data_dir, filter="data")
+
+
+def read_record(run: Run, model_dir: Path) -> dict | None:
+    """The outcome of a finished run, or None when it has not finished."""
+    status_file = model_dir / "sweep_status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    record = {**dataclasses.asdict(run), "name": run.name, "wall_s": status.get("wall_s")}
+    results = model_dir / "results.json"
+    if results.exists():
+        values = json.loads(results.read_text())
+        return {
+            **record,
+            "status": "done",
+            **{k: values.get(k) for k in ("top1", "top5", "loss", "step")},
+        }
+    if status.get("returncode") == 1:
+        return {**record, "status": "diverged", "top1": None, "top5": None, "loss": None}
+    return None
+
+
+def train_py(run: Run, protocol: Protocol, model_dir: Path, data_dir: Path) -> int:
+    """Runs `train.py` for `run`; returns its exit status. Output goes to `train.log`."""
+    args = run.train_args(protocol, model_dir) + [f"--data_dir={data_dir}"]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / "train.log", "a") as log:
+        return subprocess.call(
+            [sys.executable, str(REPO_ROOT / "train.py"), *args],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def sweep(
+    protocol: Protocol,
+    runs_dir: Path,
+    results_dir: Path,
+    execute: Callable[[Run, Path], int],
+    max_runs: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    """Runs what is not finished, rewriting the report after each run.
+
+    Args:
+        protocol: The sweep.
+        runs_dir: Parent of the run directories (`<runs_dir>/<protocol>/<run name>`).
+        results_dir: Where the report goes.
+        execute: Runs one configuration in a directory, returns the exit status.
+        max_runs: Stop after launching this many runs (None: all).
+        log: Progress lines.
+
+    Returns:
+        The records of every finished run, by run name.
+    """
+    base = runs_dir / protocol.name
+    records = collect(protocol, base)
+    write_report(protocol, records, base, results_dir)
+    launched = 0
+    while max_runs is None or launched < max_runs:
+        pending = [r for r in launch_order(protocol, records) if r.name not in records]
+        if not pending:
+            break
+        run = pending[0]
+        model_dir = base / run.name
+        log(f"[{time.strftime('%H:%M:%S')}] {run.name}: starting ({len(pending)} pending)")
+        start = time.time()
+        code = execute(run, model_dir)
+        wall = time.time() - start
+        model_dir.mkdir(parents=True, exist_ok=True)
+        previous = model_dir / "sweep_status.json"
+        spent = json.loads(previous.read_text()).get("wall_s", 0.0) if previous.exists() else 0.0
+        previous.write_text(json.dumps({"returncode": code, "wall_s": spent + wall}))
+        launched += 1
+        record = read_record(run, model_dir)
+        if record is None:
+            # Crashed or killed: not a result. Stop, so that a broken setup does not burn
+            # through the whole grid; rerunning resumes this run from its checkpoint.
+            log(f"{run.name}: train.py exited {code} without results; see {model_dir}/train.log")
+            write_report(protocol, records, base, results_dir)
+            raise SystemExit(f"run {run.name} failed (exit status {code})")
+        records[run.name] = record
+        top1 = "diverged" if record["top1"] is None else f"top-1 {100 * record['top1']:.2f}%"
+        log(f"[{time.strftime('%H:%M:%S')}] {run.name}: {top1} in {wall:.0f} s")
+        write_report(protocol, records, base, results_dir)
+    return records
+
+
+def collect(protocol: Protocol, base: Path) -> dict[str, dict]:
+    """Records of the finished runs found under `base`."""
+    records = {}
+    for run in scaling_runs(protocol):
+        record = read_record(run, base / run.name)
+        if record is not None:
+            records[run.name] = record
+    for run in longer_runs(protocol, records):
+        record = read_record(run, base / run.name)
+        if record is not None:
+            records[run.name] = record
+    return records
+
+
+# Report.
+
+
+def _percent(value: float | None) -> str:
+    return "diverged" if value is None else f"{100 * value:.2f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _by_config(records: dict[str, dict]) -> dict[tuple, dict]:
+    return {
+        (r["part"], r["model"], r["method"], r["batch"], r["lr"], r["epochs"], r["seed"]): r
+        for r in records.values()
+    }
+
+
+def best_per_cell(protocol: Protocol, records: dict[str, dict]) -> list[dict]:
+    """For every (model, method, batch): the best finished run over rates and seeds."""
+    rows = []
+    for model in protocol.models:
+        for method, batch in cells(protocol, model):
+            planned = [
+                r
+                for r in scaling_runs(protocol)
+                if r.part == "scaling" and (r.model, r.method, r.batch) == (model, method, batch)
+            ]
+            done = [records[r.name] for r in planned if r.name in records]
+            scored = [d for d in done if d["top1"] is not None]
+            best = max(scored, key=lambda d: d["top1"]) if scored else None
+            rows.append(
+                dict(
+                    model=model,
+                    method=method,
+                    batch=batch,
+                    best=best,
+                    done=len(done),
+                    planned=len(planned),
+                    diverged=len(done) - len(scored),
+                )
+            )
+    return rows
+
+
+def write_report(
+    protocol: Protocol, records: dict[str, dict], base: Path, results_dir: Path
+) -> Path:
+    """Writes the Markdown tables, the CSV summary, the per-run logs and the plots."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"cifar10_{protocol.name}"
+    logs_dir = results_dir / "logs" / protocol.name
+    for name in records:
+        source = base / name / "training_log.csv"
+        if source.exists():
+            logs_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, logs_dir / f"{name}.csv")
+    fields = [
+        "name", "part", "model", "method", "batch", "lr", "epochs", "warmup_epochs", "seed",
+        "recalibrate", "status", "top1", "top5", "loss", "step", "wall_s",
+    ]  # fmt: skip
+    with open(results_dir / f"{stem}_runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for record in sorted(records.values(), key=lambda r: (r["part"], r["model"], r["name"])):
+            writer.writerow(record)
+
+    planned = [r for r in scaling_runs(protocol) if r.part == "scaling"]
+    longer_planned = len(protocol.models) * len(protocol.seeds) * len(LONGER)
+    finished = sum(r["part"] == "scaling" for r in records.values())
+    finished_longer = sum(r["part"] == "longer" for r in records.values())
+    lines = [
+        f"# CIFAR-10 batch scaling, protocol `{protocol.name}` (generated by tools/sweep.py)",
+        "",
+        f"Runs finished: {finished} of {len(planned)} batch-scaling runs and "
+        f"{finished_longer} of {longer_planned} train-longer runs"
+        + (
+            "."
+            if finished == len(planned) and finished_longer == longer_planned
+            else " (**partial**: cells marked `not run` have no measurement yet)."
+        ),
+        "",
+        f"Models {', '.join(protocol.models)}; {protocol.epochs:g} epochs per run; baseline "
+        f"batch {protocol.baseline_batch}; warm-up {protocol.warmup_epochs:g} epoch(s) for "
+        f"batches {', '.join(str(b) for b in protocol.batches)}; seeds "
+        f"{', '.join(str(s) for s in protocol.seeds)}; batch-norm statistics re-estimated from "
+        f"~{protocol.recalibration_images} training images before evaluation. Top-1 in % on "
+        "the 10,000 test images, one evaluation at the end of each run.",
+        "",
+        "## Best top-1 per cell (and the learning rate that gave it)",
+        "",
+    ]
+    best_rows = best_per_cell(protocol, records)
+    lines += _table(
+        ["model", "method", "batch", "best top-1", "LR", "runs done / planned"],
+        (
+            [
+                b["model"],
+                METHOD_TITLES[b["method"]],
+                b["batch"],
+                "not run" if not b["done"] else _percent(b["best"]["top1"] if b["best"] else None),
+                f"{b['best']['lr']:g}" if b["best"] else "-",
+                f"{b['done']} / {b['planned']}"
+                + (f" ({b['diverged']} diverged)" if b["diverged"] else ""),
+            ]
+            for b in best_rows
+        ),
+    )
+    lines += ["", "## Learning-rate sweep (top-1 per rate)", ""]
+    for model in protocol.models:
+        for method, batch in cells(protocol, model):
+            lrs = cell_lrs(protocol, method, batch)
+            entries = []
+            for lr in lrs:
+                run = Run(
+                    "scaling", model, method, batch, lr, protocol.epochs,
+                    0.0 if method == "sgd" else protocol.warmup_epochs, protocol.seeds[0],
+                )  # fmt: skip
+                record = records.get(run.name)
+                entries.append(
+                    f"LR {lr:g}: " + ("not run" if record is None else _percent(record["top1"]))
+                )
+            lines.append(
+                f"- {model}, {METHOD_TITLES[method]}, batch {batch}: " + "; ".join(entries)
+            )
+    lines += ["", "## Train longer (LARS, largest batch, best LR of the fixed budget)", ""]
+    batch = max(protocol.batches)
+    longer_rows = []
+    for model in protocol.models:
+        base_cell = next(
+            b for b in best_rows if (b["model"], b["method"], b["batch"]) == (model, "lars", batch)
+        )
+        row = [
+            model,
+            batch,
+            "not run" if base_cell["best"] is None else _percent(base_cell["best"]["top1"]),
+        ]
+        for factor in LONGER:
+            match = [
+                r
+                for r in records.values()
+                if r["part"] == "longer" and r["model"] == model
+                and math.isclose(r["epochs"], protocol.epochs * factor)
+            ]  # fmt: skip
+            row.append(_percent(match[0]["top1"]) if match else "not run")
+        longer_rows.append(row)
+    lines += _table(
+        ["model", "batch", *[f"{protocol.epochs * f:g} epochs ({f:g}x)" for f in (1.0, *LONGER)]],
+        longer_rows,
+    )
+    lines += [
+        "",
+        "## Batch-norm statistics at evaluation: re-estimated vs moving averages",
+        "",
+        "The same configuration evaluated with statistics re-estimated from training batches "
+        "(every other run here) and with the moving averages of training (momentum 0.9):",
+        "",
+    ]
+    ablation_rows = []
+    for run in (r for r in scaling_runs(protocol) if r.part == "bn_ablation"):
+        twin = dataclasses.replace(run, part="scaling", recalibrate=True)
+        ablation_rows.append(
+            [
+                run.model,
+                METHOD_TITLES[run.method],
+                run.batch,
+                f"{run.lr:g}",
+                _percent(records[twin.name]["top1"]) if twin.name in records else "not run",
+                _percent(records[run.name]["top1"]) if run.name in records else "not run",
+            ]
+        )
+    lines += _table(
+        ["model", "method", "batch", "LR", "top-1, re-estimated", "top-1, moving averages"],
+        ablation_rows,
+    )
+    plots = plot(protocol, records, best_rows, results_dir, stem)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [
+        "",
+        f"Raw per-epoch logs: `logs/{protocol.name}/<run>.csv` (train.py's CSV log); every "
+        f"run's outcome: `{stem}_runs.csv`.",
+        "",
+    ]
+    page = results_dir / f"{stem}.md"
+    page.write_text("\n".join(lines))
+    return page
+
+
+def plot(
+    protocol: Protocol,
+    records: dict[str, dict],
+    best_rows: list[dict],
+    results_dir: Path,
+    stem: str,
+) -> list[Path]:
+    """Top-1 against batch per method and model; top-1 against epoch budget. Returns the
+    files written (none without measurements)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    written = []
+    measured = [b for b in best_rows if b["best"] is not None]
+    if measured:
+        figure, axes = plt.subplots(
+            1, len(protocol.models), figsize=(5 * len(protocol.models), 4), squeeze=False
+        )
+        for axis, model in zip(axes[0], protocol.models, strict=True):
+            baseline = [b for b in measured if b["model"] == model and b["method"] == "sgd"]
+            for method, marker in (("sgd_warmup", "s"), ("lars", "o")):
+                points = [
+                    (b["batch"], 100 * b["best"]["top1"])
+                    for b in measured
+                    if b["model"] == model and b["method"] == method
+                ]
+                if points:
+                    axis.plot(
+                        *zip(*points, strict=True), marker=marker, label=METHOD_TITLES[method]
+                    )
+            if baseline:
+                axis.axhline(
+                    100 * baseline[0]["best"]["top1"],
+                    color="gray",
+                    linestyle="--",
+                    label=f"SGD, batch {protocol.baseline_batch}",
+                )
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("batch size")
+            axis.set_ylabel("test top-1 (%), best LR")
+            axis.set_title(f"{model}, {protocol.epochs:g} epochs")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = results_dir / f"{stem}_accuracy_vs_batch.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    longer = [r for r in records.values() if r["part"] == "longer" and r["top1"] is not None]
+    if longer:
+        figure, axis = plt.subplots(figsize=(5, 4))
+        batch = max(protocol.batches)
+        for model in protocol.models:
+            cell = next(
+                (
+                    b
+                    for b in measured
+                    if (b["model"], b["method"], b["batch"]) == (model, "lars", batch)
+                ),
+                None,
+            )
+            points = [(r["epochs"], 100 * r["top1"]) for r in longer if r["model"] == model]
+            if cell is not None:
+                points.append((protocol.epochs, 100 * cell["best"]["top1"]))
+            if points:
+                axis.plot(*zip(*sorted(points), strict=True), marker="o", label=model)
+        axis.set_xlabel("epochs")
+        axis.set_ylabel("test top-1 (%)")
+        axis.set_title(f"LARS, batch {batch}: longer training")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = results_dir / f"{stem}_accuracy_vs_epochs.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+# Command line.
+
+flags.DEFINE_enum("protocol", "quick", sorted(PROTOCOLS), "Which sweep (see PROTOCOLS).")
+flags.DEFINE_string("runs_dir", str(REPO_ROOT / "runs" / "sweep"), "Parent of run directories.")
+flags.DEFINE_string("results_dir", str(REPO_ROOT / "docs" / "results"), "Report directory.")
+flags.DEFINE_string("data_dir", str(REPO_ROOT / "data" / "cifar10"), "CIFAR-10 JPEG folders.")
+flags.DEFINE_integer("max_runs", None, "Stop after launching this many runs.", lower_bound=1)
+flags.DEFINE_bool("list", False, "List the runs with their state and exit.")
+flags.DEFINE_bool("report_only", False, "Rewrite the report from finished runs and exit.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    protocol = PROTOCOLS[FLAGS.protocol]
+    runs_dir, results_dir = Path(FLAGS.runs_dir), Path(FLAGS.results_dir)
+    base = runs_dir / protocol.name
+    if FLAGS.list or FLAGS.report_only:
+        records = collect(protocol, base)
+        if FLAGS.list:
+            for run in launch_order(protocol, records):
+                record = records.get(run.name)
+                state = "pending" if record is None else record["status"]
+                top1 = "" if record is None else f" {_percent(record['top1'])}"
+                print(f"{run.name}: {state}{top1}")
+        if FLAGS.report_only:
+            print(write_report(protocol, records, base, results_dir))
+        return
+    data_dir = Path(FLAGS.data_dir)
+    prepare_data(data_dir)
+    sweep(
+        protocol,
+        runs_dir,
+        results_dir,
+        lambda run, model_dir: train_py(run, protocol, model_dir, data_dir),
+        max_runs=FLAGS.max_runs,
+        log=lambda line: print(line, flush=True),
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
