@@ -130,3 +130,45 @@ def write_class_folders(
 def official_labels(path: Path) -> list[str]:
     """The lines of a validation label list."""
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def tfds_builder(class_name: str, num_classes: int, splits: dict[str, tuple[int, int, int, int]]):
+    """A tensorflow-datasets builder class of generated JPEGs, to prepare offline in a test.
+
+    Args:
+        class_name: CamelCase class name; tfds registers the dataset as its snake_case form.
+        num_classes: Classes of the `label` feature.
+        splits: `{split: (seed_offset, count, height, width)}`; example i has label i.
+
+    Returns:
+        The builder class; `cls(data_dir=...).download_and_prepare()` writes the dataset.
+    """
+    import tensorflow_datasets as tfds
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(num_classes=num_classes),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {name: self._generate_examples(*spec) for name, spec in splits.items()}
+
+    def _generate_examples(self, offset, count, height, width):
+        for i in range(count):
+            yield i, {"image": random_pixels(height, width, 3, seed=offset + i), "label": i}
+
+    namespace = {
+        "__doc__": "Generated JPEGs, prepared offline.",
+        "VERSION": tfds.core.Version("1.0.0"),
+        "_info": _info,
+        "_split_generators": _split_generators,
+        "_generate_examples": _generate_examples,
+    }
+    return type(class_name, (tfds.core.GeneratorBasedBuilder,), namespace)

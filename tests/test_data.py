@@ -10,13 +10,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from jpeg_fixtures import (
     LABELS_NAME,
     jpeg_bytes,
     official_labels,
     png_bytes,
-    random_pixels,
+    tfds_builder,
     write_class_folders,
 )
 
@@ -458,29 +457,9 @@ def test_folder_source_flat_validation_uses_the_label_list(tmp_path):
     assert labels_of(spec.dataset) == [1, 0, 1]
 
 
-class LarsTfTinyImages(tfds.core.GeneratorBasedBuilder):
-    """A tensorflow-datasets dataset prepared offline from generated images."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(num_classes=20),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(0, 20), "test": self._generate_examples(100, 7)}
-
-    def _generate_examples(self, offset, count):
-        for i in range(count):
-            yield i, {"image": random_pixels(20, 24, 3, seed=offset + i), "label": i}
+LarsTfTinyImages = tfds_builder(
+    "LarsTfTinyImages", num_classes=20, splits={"train": (0, 20, 20, 24), "test": (100, 7, 20, 24)}
+)
 
 
 def test_tfds_source_reads_a_prepared_dataset_by_name(tmp_path):

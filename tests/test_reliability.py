@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import flags
-from jpeg_fixtures import cmyk_jpeg_bytes, jpeg_bytes, png_bytes, random_pixels
+from jpeg_fixtures import cmyk_jpeg_bytes, jpeg_bytes, png_bytes, random_pixels, tfds_builder
 
 import train_flags
 from lars_tf.data import build_dataset, imagenet
@@ -523,29 +522,9 @@ def test_labels_out_of_range_are_an_error_not_a_skip(tmp_path):
         build_dataset("tfds:no_such_data", **options, data_dir=str(tmp_path / "tfds"))
 
 
-class LarsTfThreeClasses(tfds.core.GeneratorBasedBuilder):
-    """Three images of three classes, prepared offline."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(num_classes=3),
-                }
-            ),
-            supervised_keys=("image", "label"),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(3):
-            yield i, {"image": random_pixels(16, 16, 3, seed=i), "label": i}
+LarsTfThreeClasses = tfds_builder(
+    "LarsTfThreeClasses", num_classes=3, splits={"train": (0, 3, 16, 16)}
+)
 
 
 @pytest.mark.slow
