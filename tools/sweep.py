@@ -97,13 +97,14 @@ PROTOCOLS = {
     for p in (
         Protocol(
             name="quick",
-            models=("alexnet_bn_small",),
+            models=("alexnet_bn_small", "resnet20_cifar"),
             epochs=3,
             baseline_batch=128,
             batches=(1024, 2048, 4096, 8192),
             baseline_lrs=(0.02, 0.05, 0.1),
             sgd_base_lrs=(0.02, 0.05, 0.1),
-            lars_base_lrs=(2.5, 5.0, 10.0),
+            # 20 was added after the first pass: at 2K-8K the best rate was the largest.
+            lars_base_lrs=(2.5, 5.0, 10.0, 20.0),
             warmup_epochs=1,
         ),
         Protocol(
@@ -181,12 +182,15 @@ def cells(protocol: Protocol, model: str) -> list[tuple[str, int]]:
 
 def scaling_runs(protocol: Protocol) -> list[Run]:
     """The batch-scaling runs in launch order (see `_scaling_groups`)."""
-    first, rest, baseline_rest = _scaling_groups(protocol)
-    return first + rest + baseline_rest
+    runs = []
+    for model in protocol.models:
+        first, rest, baseline_rest = _scaling_groups(protocol, model)
+        runs += first + rest + baseline_rest
+    return runs
 
 
-def _scaling_groups(protocol: Protocol) -> tuple[list[Run], list[Run], list[Run]]:
-    """The batch-scaling runs in three groups, each in launch order.
+def _scaling_groups(protocol: Protocol, model: str) -> tuple[list[Run], list[Run], list[Run]]:
+    """The batch-scaling runs of one model in three groups, each in launch order.
 
     First the middle rate of every cell: the baseline, then the largest batch down (the cells
     the paper is about), with the batch-norm ablation (LARS at the batch nearest 4096, its
@@ -196,31 +200,35 @@ def _scaling_groups(protocol: Protocol) -> tuple[list[Run], list[Run], list[Run]
     """
     ablation_batch = min(protocol.batches, key=lambda b: abs(b - 4096))
     first, rest, baseline_rest = [], [], []
-    for model in protocol.models:
-        for seed in protocol.seeds:
-            baseline, *large = cells(protocol, model)
-            for method, batch in [baseline, *sorted(large, key=lambda c: -c[1])]:
-                lrs = cell_lrs(protocol, method, batch)
-                middle = len(lrs) // 2
-                warmup = 0.0 if method == "sgd" else protocol.warmup_epochs
-                for index, lr in enumerate(lrs):
-                    run = Run("scaling", model, method, batch, lr, protocol.epochs, warmup, seed)
-                    if index != middle:
-                        (baseline_rest if method == "sgd" else rest).append(run)
-                        continue
-                    first.append(run)
-                    if (method, batch, seed) == ("lars", ablation_batch, protocol.seeds[0]):
-                        ablation = dataclasses.replace(run, part="bn_ablation", recalibrate=False)
-                        first.append(ablation)
+    for seed in protocol.seeds:
+        baseline, *large = cells(protocol, model)
+        for method, batch in [baseline, *sorted(large, key=lambda c: -c[1])]:
+            lrs = cell_lrs(protocol, method, batch)
+            middle = len(lrs) // 2
+            warmup = 0.0 if method == "sgd" else protocol.warmup_epochs
+            for index, lr in enumerate(lrs):
+                run = Run("scaling", model, method, batch, lr, protocol.epochs, warmup, seed)
+                if index != middle:
+                    (baseline_rest if method == "sgd" else rest).append(run)
+                    continue
+                first.append(run)
+                if (method, batch, seed) == ("lars", ablation_batch, protocol.seeds[0]):
+                    ablation = dataclasses.replace(run, part="bn_ablation", recalibrate=False)
+                    first.append(ablation)
     return first, rest, baseline_rest
 
 
 def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
-    """Every run known so far in launch order: the middle rates of all cells, the
-    train-longer runs (as soon as the largest batch's LARS cell is complete: they are
-    planned from it), the other rates, the baseline's last (its runs are the slowest)."""
-    first, rest, baseline_rest = _scaling_groups(protocol)
-    return first + longer_runs(protocol, records) + rest + baseline_rest
+    """Every run known so far in launch order, one model after the other (a model's results
+    are complete before the next one starts): the middle rates of all its cells, its
+    train-longer runs (as soon as the largest batch's LARS cell is complete: they are planned
+    from it), its other rates, its baseline's last (those runs are the slowest)."""
+    order = []
+    longer = longer_runs(protocol, records)
+    for model in protocol.models:
+        first, rest, baseline_rest = _scaling_groups(protocol, model)
+        order += first + [r for r in longer if r.model == model] + rest + baseline_rest
+    return order
 
 
 def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
