@@ -57,6 +57,7 @@ def build_input(num_workers: int, rank: int, batch: int, image_size: int):
         channels=FLAGS.channels,
         mean=train_flags.floats(FLAGS.mean),
         std=train_flags.floats(FLAGS.std),
+        normalize=not FLAGS.normalize_on_device,
     )
     if source == "synthetic" and FLAGS.synthetic_examples:
         common["num_examples"] = FLAGS.synthetic_examples

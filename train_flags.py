@@ -128,6 +128,14 @@ def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer(
         "shuffle_buffer", 10_000, "Examples held for shuffling, per worker.", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "normalize_on_device",
+        True,
+        "The input pipeline delivers uint8 images and the model's first layer subtracts "
+        "--mean and divides by --std on the accelerator (a quarter of the bytes per batch, "
+        "no float work on the CPU); --nonormalize_on_device does it in tf.data.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "synthetic_examples",
         None,
@@ -593,6 +601,11 @@ def model_options(flag_values: flags.FlagValues = FLAGS) -> dict:
             options[name] = flag_values[name].value
     if flag_values.zero_init_residual:
         options["zero_init_residual"] = True
+    if flag_values.normalize_on_device:
+        # Mode "none" keeps the 0..255 values (the model only casts them).
+        none = flag_values.preprocessing == "none"
+        mean, std = floats(flag_values.mean), floats(flag_values.std)
+        options["normalize_input"] = (None, None) if none else (mean, std)
     return options
 
 

@@ -161,14 +161,15 @@ class LayerStatisticsLogger(keras.callbacks.Callback):
         rate = self._pending_rate if self._pending_rate is not None else optimizer.learning_rate
         self._pending_rate = None
         inner = _innermost(optimizer)
-        statistics = inner.layer_statistics() if hasattr(inner, "layer_statistics") else {}
-        paths = list(statistics)
-        # One device-to-host copy per log, not one per variable: stack on the device, read
-        # once. float64 keeps the step counter exact.
+        paths, table = [], None
+        if hasattr(inner, "statistics_table") and inner.built:
+            paths, table = inner.statistics_table()
+        # One device-to-host copy per log, not one per variable: the rate, the step counter
+        # and the statistics table concatenated on the device, read once. float64 keeps the
+        # step counter exact.
         head = ops.stack([ops.cast(rate, "float64"), ops.cast(optimizer.iterations, "float64")])
         if paths:
-            stacked = ops.stack([statistics[p][s].value for p in paths for s in _STATISTICS])
-            head = ops.concatenate([head, ops.cast(stacked, "float64")])
+            head = ops.concatenate([head, ops.reshape(ops.cast(table, "float64"), (-1,))])
         values = ops.convert_to_numpy(head)
         rate, steps_done = float(values[0]), int(values[1])
         if steps_done == self._due_step:

@@ -3,8 +3,11 @@
 The math of one step lives in two pure functions, `local_learning_rate` and `lars_update`, that
 take and return tensors; `LARS` is the Keras shell around them: it validates its arguments, makes
 the per-variable slots once in `build`, decides per variable (at build time) whether it is decayed
-and adapted, and writes the result with `self.assign`. Everything is `keras.ops`, so the update
-runs eagerly, in a `tf.function` and under XLA (`jit_compile=True`) alike.
+and adapted, and writes the result with `self.assign`. The math is `keras.ops` only, so the
+update runs eagerly, in a `tf.function` and under XLA alike, on any Keras backend. The one
+backend-specific line is plumbing: on TensorFlow the update is compiled with XLA on its own
+(`jit_compile=True`, as Keras 2's optimizers did), since Keras 3 runs TensorFlow train steps
+without XLA on CPUs and there every `keras.ops` call would be a pass over the tensor of its own.
 """
 
 from __future__ import annotations
@@ -244,9 +247,15 @@ class LARS(keras.optimizers.Optimizer):
     `exclude_from_weight_decay(var_list=..., var_names=...)` is honoured too, if called before
     the optimizer is built.
 
-    For logging, `layer_statistics()` exposes, per variable, the local LR, `||w||` and `||g||`
+    For logging, `layer_statistics()` returns, per variable, the local LR, `||w||` and `||g||`
     computed in the last update (with the gradient as LARS saw it: after loss-scale unscaling,
-    clipping, gradient accumulation and all-reduce), written during the update itself.
+    clipping, gradient accumulation and all-reduce), written during the update itself into one
+    `(variables, 3)` optimizer variable (one write per update, not three per variable).
+
+    Speed: on the TensorFlow backend the whole update (every variable) is one XLA computation
+    when `jit_compile=True` (the default), whether or not the train step itself is compiled:
+    the norms and the momentum step then cost about what Keras' SGD update costs without XLA
+    (`docs/benchmarks.md`). The numbers differ from the uncompiled update only by rounding.
 
     Example:
 
@@ -270,6 +279,9 @@ class LARS(keras.optimizers.Optimizer):
         decay_in_norm: Use rule G's local LR (decay folded into the gradient norm).
         lr_outside_momentum: Use rule P' (global LR applied outside the momentum buffer).
         clip_local_lr: Clip the local LR at 1 (LARC clipping).
+        jit_compile: On the TensorFlow backend, compile the update with XLA (see Speed). It is
+            not compiled under a `tf.distribute` strategy (Horovod is not one) or on other
+            backends (JAX compiles the whole step anyway).
         name: The optimizer's name, which prefixes its variables.
         **kwargs: The Keras base optimizer's keywords (`clipnorm`, `global_clipnorm`,
             `clipvalue`, `use_ema`, `ema_momentum`, `ema_overwrite_frequency`,
@@ -294,6 +306,7 @@ class LARS(keras.optimizers.Optimizer):
         decay_in_norm: bool = False,
         lr_outside_momentum: bool = False,
         clip_local_lr: bool = False,
+        jit_compile: bool = True,
         name: str = "lars",
         **kwargs: Any,
     ):
@@ -319,6 +332,7 @@ class LARS(keras.optimizers.Optimizer):
             ("decay_in_norm", decay_in_norm),
             ("lr_outside_momentum", lr_outside_momentum),
             ("clip_local_lr", clip_local_lr),
+            ("jit_compile", jit_compile),
         ):
             if not isinstance(value, bool):
                 raise ValueError(f"`{argument}` must be a bool. Received: {argument}={value!r}")
@@ -327,6 +341,11 @@ class LARS(keras.optimizers.Optimizer):
         self.decay_in_norm = decay_in_norm
         self.lr_outside_momentum = lr_outside_momentum
         self.clip_local_lr = clip_local_lr
+        self.jit_compile = jit_compile
+        # Compiled updates by trainable-variable list, and the statistics of the update being
+        # traced; plain attributes (see `_set_plain`), not state to track or checkpoint.
+        _set_plain(self, "_xla_updates", {})
+        _set_plain(self, "_pending_statistics", None)
         # Private names: `exclude_from_weight_decay` is also a method of the base class.
         self._weight_decay_exclusions = _validate_patterns(
             exclude_from_weight_decay, "exclude_from_weight_decay"
@@ -375,18 +394,11 @@ class LARS(keras.optimizers.Optimizer):
         self._apply_decay = [self.coupled_weight_decay > 0 and self._decays(v) for v in variables]
         self._apply_adaptation = [self._adapts(v) for v in variables]
         self._statistic_paths = [getattr(v, "path", v.name) for v in variables]
-        self._local_lrs, self._weight_norms, self._grad_norms = [], [], []
-        for variable, path in zip(variables, self._statistic_paths, strict=True):
-            slots = [None] * 3
-            if not self._overwrite_variable_with_gradient(variable):
-                prefix = path.replace("/", "_")
-                slots = [
-                    self.add_variable(shape=(), dtype="float32", name=f"{prefix}_{statistic}")
-                    for statistic in STATISTICS
-                ]
-            self._local_lrs.append(slots[0])
-            self._weight_norms.append(slots[1])
-            self._grad_norms.append(slots[2])
+        self._has_statistics = [not self._overwrite_variable_with_gradient(v) for v in variables]
+        # Row i: (local_lr, ||w||, ||g||) of variable i in the last update, zeros before it.
+        self._statistics = self.add_variable(
+            shape=(len(variables), len(STATISTICS)), dtype="float32", name="layer_statistics"
+        )
 
     def _get_current_learning_rate(self):
         # Keras evaluates a schedule at its micro-batch counter (`_iterations`), so with
@@ -396,6 +408,42 @@ class LARS(keras.optimizers.Optimizer):
         if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             return self._learning_rate(self.iterations)
         return super()._get_current_learning_rate()
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if not self._compiles_update():
+            self._update_variables(grads, trainable_variables, learning_rate)
+            return
+        import tensorflow as tf  # the backend is TensorFlow here
+
+        key = tuple(id(v) for v in trainable_variables)
+        if key not in self._xla_updates:
+            variables = list(trainable_variables)
+            self._xla_updates[key] = tf.function(
+                lambda g, lr: self._update_variables(g, variables, lr),
+                jit_compile=True,
+                autograph=False,
+            )
+        # A Keras variable (a float learning rate) is no tf.function argument; its value is.
+        self._xla_updates[key](list(grads), tf.identity(learning_rate))
+
+    def _compiles_update(self) -> bool:
+        if not self.jit_compile or keras.backend.backend() != "tensorflow":
+            return False
+        import tensorflow as tf
+
+        return not tf.distribute.has_strategy()
+
+    def _update_variables(self, grads, trainable_variables, learning_rate):
+        # `update_step` of every variable (Keras' loop), then their statistics in one write.
+        _set_plain(self, "_pending_statistics", {})
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            rows = self._pending_statistics
+        finally:
+            _set_plain(self, "_pending_statistics", None)
+        previous = ops.convert_to_tensor(self._statistics)
+        table = [rows.get(i, previous[i]) for i in range(len(self._statistic_paths))]
+        self.assign(self._statistics, ops.stack(table))
 
     def update_step(self, gradient, variable, learning_rate):
         """Apply one LARS step to `variable`."""
@@ -438,33 +486,40 @@ class LARS(keras.optimizers.Optimizer):
         if velocity_slot is not None:
             self.assign(velocity_slot, new_velocity)
         self.assign_sub(variable, update)
-        self.assign(self._local_lrs[index], local_lr)
-        self.assign(self._weight_norms[index], weight_norm)
-        self.assign(self._grad_norms[index], grad_norm)
+        if self._pending_statistics is not None:
+            self._pending_statistics[index] = ops.cast(
+                ops.stack([local_lr, weight_norm, grad_norm]), "float32"
+            )
 
-    def layer_statistics(self) -> dict[str, dict[str, keras.Variable]]:
+    def layer_statistics(self) -> dict[str, dict[str, float]]:
         """The statistics of the last update, per trainable variable.
 
         Returns:
-            `{variable.path: {"local_lr": v, "weight_norm": v, "grad_norm": v}}`, where each
-            `v` is a scalar float32 `keras.Variable` written by the last update (0 before the
-            first). `weight_norm` is `||w||` before the update and `grad_norm` the `||g||`
-            LARS used; `local_lr` is 1 for variables excluded from adaptation. Empty until the
-            optimizer is built.
+            `{variable.path: {"local_lr": x, "weight_norm": x, "grad_norm": x}}` with Python
+            floats (read from the device in one copy): `weight_norm` is `||w||` before the
+            update and `grad_norm` the `||g||` LARS used; `local_lr` is 1 for variables
+            excluded from adaptation. All 0 before the first update; empty until the optimizer
+            is built. `statistics_table()` gives the same values as one device tensor.
         """
         if not self.built:
             return {}
-        statistics = {}
-        for path, *slots in zip(
-            self._statistic_paths,
-            self._local_lrs,
-            self._weight_norms,
-            self._grad_norms,
-            strict=True,
-        ):
-            if slots[0] is not None:
-                statistics[path] = dict(zip(STATISTICS, slots, strict=True))
-        return statistics
+        paths, table = self.statistics_table()
+        rows = ops.convert_to_numpy(table).tolist()
+        return {
+            path: dict(zip(STATISTICS, row, strict=True))
+            for path, row in zip(paths, rows, strict=True)
+        }
+
+    def statistics_table(self) -> tuple[list[str], Any]:
+        """`(paths, table)`: the variable paths and a `(len(paths), 3)` float32 tensor whose
+        columns are `STATISTICS` (local LR, `||w||`, `||g||`) of the last update, for logging
+        from the device without one read per variable. Needs a built optimizer."""
+        rows = [i for i, tracked in enumerate(self._has_statistics) if tracked]
+        paths = [self._statistic_paths[i] for i in rows]
+        table = ops.convert_to_tensor(self._statistics)
+        if len(rows) != len(self._statistic_paths):
+            table = ops.take(table, rows, axis=0)
+        return paths, table
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -481,6 +536,7 @@ class LARS(keras.optimizers.Optimizer):
                 "decay_in_norm": self.decay_in_norm,
                 "lr_outside_momentum": self.lr_outside_momentum,
                 "clip_local_lr": self.clip_local_lr,
+                "jit_compile": self.jit_compile,
             }
         )
         return config
@@ -489,3 +545,9 @@ class LARS(keras.optimizers.Optimizer):
 def _as_list(patterns: Sequence[str] | None) -> list[str] | None:
     # The tracker wraps lists set as attributes; the config must hold plain JSON types.
     return None if patterns is None else [str(p) for p in patterns]
+
+
+def _set_plain(obj: Any, name: str, value: Any) -> None:
+    # Bypasses Keras' variable tracker and TF's dependency tracking: a cache of compiled
+    # functions or tensors of a trace is neither state to checkpoint nor configuration.
+    object.__setattr__(obj, name, value)

@@ -285,11 +285,16 @@ def test_smoke_run_measures_parts_1_2_3_5(tmp_path):
     assert all_finite_positive(pipeline["variants"])
     assert set(pipeline["ratios"]) == {
         "paper (32 px) / limit (images/s)",
+        "paper (32 px), normalised in tf.data / limit (images/s)",
+        "paper (32 px), stored 256 x 256 / limit (images/s)",
         "paper preprocessing alone / limit (images/s)",
         "inception (32 px) / limit (images/s)",
+        "inception (32 px), normalised in tf.data / limit (images/s)",
         "inception preprocessing alone / limit (images/s)",
     }
-    assert [t["met"] in (True, False) for t in pipeline["targets"]] == [True, True]
+    assert "decode only, stored 256 x 256 (limit)" in pipeline["variants"]
+    # Targets: train.py's default pipelines (uint8), the stored images' one included.
+    assert [t["met"] in (True, False) for t in pipeline["targets"]] == [True, True, True]
 
     scaling_part = results["parts"]["5"]
     assert set(scaling_part["models"]) == {"alexnet", "resnet50"}

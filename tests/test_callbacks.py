@@ -345,10 +345,7 @@ class _StatisticsRecorder(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         self.statistics.append(
-            {
-                path: {name: float(v.numpy()) for name, v in stats.items()}
-                for path, stats in optimizer.layer_statistics().items()
-            }
+            {path: dict(stats) for path, stats in optimizer.layer_statistics().items()}
         )
 
 

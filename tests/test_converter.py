@@ -284,3 +284,32 @@ def test_converts_the_shared_mini_imagenet(shared_data, tmp_path):
         number = imagenet.validation_number(record["image/filename"][0].decode())
         assert record["image/class/synset"][0].decode() == labels[number - 1]
         assert record["image/class/label"][0] == SYNSETS.index(labels[number - 1]) + 1
+
+
+def test_resize_stores_the_papers_format_and_is_part_of_the_plan(tmp_path):
+    train, validation = generated_distribution()
+    write_ilsvrc(tmp_path / "in", train, validation)
+    out = tmp_path / "out"
+    options = dict(train_shards=2, validation_shards=1, num_workers=1, progress=False)
+    manifest = convert.convert(str(tmp_path / "in"), str(out), resize=24, **options)
+    assert manifest["splits"]["train"]["resize"] == 24
+    for split in ("train", "validation"):
+        for record in read_split(out, split):
+            image = tf.io.decode_jpeg(record["image/encoded"][0], channels=3)
+            assert image.shape == (24, 24, 3)
+            assert (record["image/height"][0], record["image/width"][0]) == (24, 24)
+    # The stored pixels are the bilinear resize of the original, up to JPEG's loss.
+    # (A smooth image: JPEG's loss on the noise of the other fixtures would hide the check.)
+    y, x = np.mgrid[0:40, 0:64]
+    smooth = np.stack([y * 6, x * 4, (x + y) * 2], axis=-1).astype(np.uint8)
+    data = tf.io.encode_jpeg(smooth, quality=100).numpy()
+    encoded, height, width, _ = convert.prepare_image(data, resize=24)
+    assert (height, width) == (24, 24)
+    want = tf.image.resize(tf.io.decode_jpeg(data, channels=3), [24, 24]).numpy()
+    got = tf.io.decode_jpeg(encoded, channels=3).numpy().astype(np.float32)
+    assert np.abs(got - want).mean() < 2
+    # Another size is another plan: the shards are rewritten, not reused.
+    again = convert.convert(str(tmp_path / "in"), str(out), resize=32, **options)
+    assert again["splits"]["train"]["plan_digest"] != manifest["splits"]["train"]["plan_digest"]
+    record = read_split(out, "train")[0]
+    assert tf.io.decode_jpeg(record["image/encoded"][0]).shape[:2] == (32, 32)

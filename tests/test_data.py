@@ -19,7 +19,14 @@ from jpeg_fixtures import (
     write_class_folders,
 )
 
-from lars_tf.data import IMAGENET_MEAN_RGB, ImagePreprocessor, build_dataset, convert, imagenet
+from lars_tf.data import (
+    IMAGENET_MEAN_RGB,
+    ImagePreprocessor,
+    build_dataset,
+    convert,
+    imagenet,
+    preprocessing,
+)
 from lars_tf.data import preprocessing as pp
 
 SYNSETS = imagenet.imagenet_synsets()
@@ -81,17 +88,24 @@ def test_every_mode_gives_the_requested_shape_dtype_and_range(mode, is_training,
     assert values.std() > 5  # a real image, not a constant
 
 
+def resized_uint8(data: bytes, size: int) -> np.ndarray:
+    """The reference: bilinear resize of the decoded JPEG, rounded to uint8 values."""
+    resized = tf.image.resize(tf.io.decode_jpeg(data, channels=3), [size, size]).numpy()
+    return np.floor(resized + 0.5)
+
+
 def test_paper_evaluation_is_resize_then_central_crop():
     data = jpeg_bytes(30, 50, seed=4)
     preprocessor = ImagePreprocessor("paper", False, image_size=20, resize_size=26, mean=None)
-    resized = tf.image.resize(tf.io.decode_jpeg(data, channels=3), [26, 26])
-    np.testing.assert_allclose(preprocessor(tf.constant(data)), resized[3:23, 3:23], atol=1e-4)
+    np.testing.assert_array_equal(
+        preprocessor(tf.constant(data)), resized_uint8(data, 26)[3:23, 3:23]
+    )
 
 
 def test_paper_training_crops_from_the_resized_image_and_may_flip():
     data = jpeg_bytes(30, 50, seed=5)
     preprocessor = ImagePreprocessor("paper", True, image_size=20, resize_size=26, mean=None)
-    resized = tf.image.resize(tf.io.decode_jpeg(data, channels=3), [26, 26]).numpy()
+    resized = resized_uint8(data, 26)
     crops = {
         (y, x, flip): (
             resized[y : y + 20, x : x + 20, :][:, ::-1] if flip else resized[y : y + 20, x : x + 20]
@@ -103,10 +117,27 @@ def test_paper_training_crops_from_the_resized_image_and_may_flip():
     seen = set()
     for s in range(12):
         image = preprocessor(tf.constant(data), None, tf.constant([s, 0], tf.int64)).numpy()
-        match = [key for key, crop in crops.items() if np.allclose(crop, image, atol=1e-4)]
+        match = [key for key, crop in crops.items() if np.array_equal(crop, image)]
         assert match, f"seed {s}: not a crop of the 26x26 resize"
         seen.add(match[0])
     assert len(seen) > 3 and {key[2] for key in seen} == {False, True}
+
+
+def test_paper_mode_on_images_stored_at_the_resize_size_skips_nothing_but_time():
+    # The converter's `resize` stores images at resize_size; the mode then skips its resize,
+    # which must give exactly what resizing would (bilinear maps a size onto itself).
+    image = tf.io.decode_jpeg(jpeg_bytes(26, 26, seed=6), channels=3)
+    np.testing.assert_array_equal(
+        preprocessing._resize_unless_sized(image, 26), tf.image.resize(image, [26, 26])
+    )
+    other = jpeg_bytes(30, 50, seed=6)
+    np.testing.assert_array_equal(
+        preprocessing._resize_unless_sized(tf.io.decode_jpeg(other, channels=3), 26),
+        resized_uint8(other, 26),
+    )
+    evaluation = ImagePreprocessor("paper", False, image_size=20, resize_size=26, mean=None)
+    got = evaluation(tf.constant(jpeg_bytes(26, 26, seed=6)))
+    np.testing.assert_array_equal(got, tf.cast(image, tf.float32)[3:23, 3:23])
 
 
 def test_inception_crop_decodes_a_window_guided_by_boxes():
@@ -346,6 +377,35 @@ def test_deterministic_pipelines_repeat_exactly(shards):
         np.testing.assert_array_equal(y1, y2)
         np.testing.assert_array_equal(x1, x2)
     assert any(not np.array_equal(x1, x2) for (x1, _), (x2, _) in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize("source", ["tfrecord", "synthetic"])
+def test_uint8_output_normalised_later_is_the_float_output(shards, source):
+    # normalize=False hands the float work to the model (train.py --normalize_on_device); the
+    # numbers must be the same as normalising in the pipeline.
+    def run(normalize):
+        spec = build_dataset(
+            source,
+            split="train",
+            batch_size=4,
+            image_size=16,
+            data_dir=None if source == "synthetic" else str(shards),
+            is_training=True,
+            preprocessing="paper",
+            deterministic=True,
+            seed=5,
+            mean=(120.0, 110.0, 100.0),
+            std=(60.0, 50.0, 40.0),
+            normalize=normalize,
+            num_examples=8 if source == "synthetic" else None,
+        )
+        return [(x.numpy(), y.numpy()) for x, y in spec.dataset.take(3)]
+
+    preprocessor = ImagePreprocessor("paper", True, 16, mean=(120, 110, 100), std=(60, 50, 40))
+    for (raw, y1), (floats, y2) in zip(run(False), run(True), strict=True):
+        assert raw.dtype == np.uint8 and floats.dtype == np.float32
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_allclose(preprocessor.normalize(raw), floats, rtol=1e-6, atol=1e-6)
 
 
 def test_missing_or_empty_data_locations_are_named(tmp_path):

@@ -367,6 +367,36 @@ def test_channels_first_computes_the_same_function(case):
     )
 
 
+@pytest.mark.parametrize(
+    "name, data_format",
+    [("alexnet_bn_small", "channels_last"), ("resnet20_cifar", "channels_first")],
+)
+def test_uint8_input_normalised_by_the_model_equals_float_input(name, data_format):
+    # normalize_input moves (x - mean) / std into the model (on its device); with the same
+    # weights it computes what the plain model computes on the normalised images.
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    options = dict(num_classes=10, data_format=data_format, input_shape=None)
+    plain = models.build(name, **options)
+    raw = models.build(name, normalize_input=(mean, std), **options)
+    assert raw.input.dtype == "uint8"
+    assert [v.path for v in raw.trainable_variables] == [v.path for v in plain.trainable_variables]
+    raw.set_weights(plain.get_weights())
+    shape = plain.input.shape[1:]
+    pixels = np.random.default_rng(0).integers(0, 256, (2, *shape)).astype(np.uint8)
+    axis = 1 if data_format == "channels_first" else -1
+    stats_shape = [1, 1, 1, 1]
+    stats_shape[axis] = 3
+    normalised = (pixels - np.reshape(mean, stats_shape)) / np.reshape(std, stats_shape)
+    np.testing.assert_allclose(
+        raw.predict(pixels, verbose=0),
+        plain.predict(normalised.astype(np.float32), verbose=0),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    with pytest.raises(ValueError, match="input mean has 2 values for 3 channels"):
+        models.build(name, normalize_input=((1.0, 2.0), None), **options)
+
+
 def test_channels_first_resnet50_keeps_the_parameter_count():
     model = models.build("resnet50", data_format="channels_first")
     assert model.input_shape == (None, 3, 224, 224)

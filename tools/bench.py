@@ -101,6 +101,17 @@ def _tfrecords(args, workload) -> tuple[str | None, str | None]:
     )
 
 
+def _stored_tfrecords(args, workload) -> str | None:
+    """The same images stored at 256 x 256 for part 3 (converted from --imagenet-dir)."""
+    if args.tfrecord_dir or not os.path.isdir(args.imagenet_dir):
+        return None
+    from bench import input_pipeline
+
+    return input_pipeline.prepare_tfrecords(
+        args.imagenet_dir, args.work_dir, workload.convert_workers, input_pipeline.STORED_SIZE
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -179,7 +190,8 @@ def _part3(args, workload, input_pipeline) -> dict:
     if tfrecord_dir is None:
         return {"skipped": reason}
     source = args.tfrecord_dir or os.path.relpath(args.imagenet_dir)
-    return input_pipeline.run(workload, tfrecord_dir, source)
+    stored_dir = _stored_tfrecords(args, workload)
+    return input_pipeline.run(workload, tfrecord_dir, source, stored_dir)
 
 
 if __name__ == "__main__":

@@ -101,10 +101,12 @@ PROTOCOLS = {
             epochs=3,
             baseline_batch=128,
             batches=(1024, 2048, 4096, 8192),
-            baseline_lrs=(0.02, 0.05, 0.1),
-            sgd_base_lrs=(0.02, 0.05, 0.1),
-            # 20 was added after the first pass: at 2K-8K the best rate was the largest.
-            lars_base_lrs=(2.5, 5.0, 10.0, 20.0),
+            # The grid grew after the first passes, where the best rate sat at an edge: 0.01
+            # for SGD (its best was the smallest rate at every batch), 20 and 40 for LARS
+            # (its best was the largest at 1K-4K). The middle rates stayed the same.
+            baseline_lrs=(0.01, 0.02, 0.05, 0.1),
+            sgd_base_lrs=(0.01, 0.02, 0.05, 0.1),
+            lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
             warmup_epochs=1,
         ),
         Protocol(

@@ -40,6 +40,9 @@ LABELS_FILE = "imagenet_2012_validation_synset_labels.txt"
 SHUFFLE_SEED = 12345
 # TF's converter re-encodes CMYK and PNG images at this quality.
 REENCODE_QUALITY = 100
+# Quality of images stored resized (`resize=`): Caffe's ImageNet LMDBs held raw pixels; 95
+# keeps the JPEG loss far below what the crop, flip and bilinear resampling change.
+RESIZED_QUALITY = 95
 
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 _SYNSET = re.compile(r"^n\d{8}$")
@@ -223,8 +226,15 @@ def jpeg_components(data: bytes) -> int | None:
     return None
 
 
-def prepare_image(data: bytes) -> tuple[bytes, int, int, str | None]:
+def prepare_image(data: bytes, resize: int | None = None) -> tuple[bytes, int, int, str | None]:
     """Checks that an image decodes and makes it a standard RGB or grayscale JPEG.
+
+    Args:
+        data: The image file's bytes.
+        resize: When given, the image is stored resized to `resize x resize` (bilinear, the
+            aspect ratio not kept), as the paper's Caffe LMDBs held ImageNet at 256 x 256:
+            `preprocessing="paper"` then skips its own resize, which otherwise costs about
+            what the decode costs.
 
     Returns:
         `(jpeg_bytes, height, width, reencoded)`, where `reencoded` names why the bytes were
@@ -241,7 +251,11 @@ def prepare_image(data: bytes) -> tuple[bytes, int, int, str | None]:
     else:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         reason = "png" if data[:4] == b"\x89PNG" else "other"
-    if reason is not None:
+    if resize is not None:
+        resized = tf.image.resize(image, [resize, resize], method="bilinear")
+        image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+        data = tf.io.encode_jpeg(image, format="rgb", quality=RESIZED_QUALITY).numpy()
+    elif reason is not None:
         # No chroma subsampling either: the re-encoded image stays as close as JPEG allows.
         data = tf.io.encode_jpeg(
             image, format="rgb", quality=REENCODE_QUALITY, chroma_downsampling=False
@@ -264,17 +278,17 @@ def _count_records(path: str) -> int:
     return int(tf.data.TFRecordDataset(path).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 
-def write_shard(task: tuple[str, str, int, int, list[ImageRef]]) -> dict[str, Any]:
+def write_shard(task: tuple[str, str, int, int, list[ImageRef], int | None]) -> dict[str, Any]:
     """Writes one shard (temp file, then atomic rename); reuses it when already complete.
 
     Args:
-        task: `(output_dir, split, index, num_shards, refs)`.
+        task: `(output_dir, split, index, num_shards, refs, resize)`.
 
     Returns:
         `{"name", "count", "planned", "reused", "reencoded": {filename: reason},
         "skipped": {filename: error}}`.
     """
-    output_dir, split, index, num_shards, refs = task
+    output_dir, split, index, num_shards, refs, resize = task
     name = imagenet.shard_name(split, index, num_shards)
     path = os.path.join(output_dir, name)
     result = {"name": name, "planned": len(refs), "reused": False, "reencoded": {}, "skipped": {}}
@@ -287,7 +301,7 @@ def write_shard(task: tuple[str, str, int, int, list[ImageRef]]) -> dict[str, An
         with tf.io.TFRecordWriter(temporary) as writer:
             for ref in refs:
                 try:
-                    data, height, width, reason = prepare_image(_read(ref, handles))
+                    data, height, width, reason = prepare_image(_read(ref, handles), resize)
                 except tf.errors.OpError as error:
                     # One bad source image must not cost the other 1.28 million.
                     message = re.sub(r"\{\{.*?\}\}\s*", "", error.message).splitlines()[0]
@@ -320,8 +334,10 @@ def _init_worker() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def _plan_digest(shards: Sequence[Sequence[ImageRef]]) -> str:
+def _plan_digest(shards: Sequence[Sequence[ImageRef]], resize: int | None = None) -> str:
     digest = hashlib.sha256()
+    if resize is not None:  # None keeps the digests of manifests written before `resize`
+        digest.update(f"resize={resize}\n".encode())
     for index, refs in enumerate(shards):
         for ref in refs:
             digest.update(f"{index}/{ref.synset}/{ref.filename}\n".encode())
@@ -356,8 +372,8 @@ class _Progress:
             self._bar.close()
 
 
-def _convert_split(split, shards, output_dir, pool, progress) -> dict[str, Any]:
-    tasks = [(output_dir, split, i, len(shards), refs) for i, refs in enumerate(shards)]
+def _convert_split(split, shards, output_dir, pool, progress, resize) -> dict[str, Any]:
+    tasks = [(output_dir, split, i, len(shards), refs, resize) for i, refs in enumerate(shards)]
     bar = _Progress(sum(len(r) for r in shards), split, progress)
     results = []
     try:
@@ -384,7 +400,8 @@ def _convert_split(split, shards, output_dir, pool, progress) -> dict[str, Any]:
     return {
         "num_examples": sum(r["count"] for r in results),
         "shards": {r["name"]: r["count"] for r in results},
-        "plan_digest": _plan_digest(shards),
+        "plan_digest": _plan_digest(shards, resize),
+        "resize": resize,
         "reencoded": reencoded,
         "skipped": skipped,
     }
@@ -416,6 +433,7 @@ def convert(
     labels_file: str | os.PathLike | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    resize: int | None = None,
 ) -> dict[str, Any]:
     """Converts ILSVRC-2012 (tars or extracted folders) to `train-*` / `validation-*` shards.
 
@@ -428,6 +446,9 @@ def convert(
             `<input_dir>/imagenet_2012_validation_synset_labels.txt`.
         num_workers: worker processes; default one per CPU core, 1 runs in this process.
         progress: show a progress bar per split.
+        resize: store every image resized to `resize x resize` (see `prepare_image`): the
+            paper's format (256), for `preprocessing="paper"` only, which then skips its
+            resize. None (default) keeps the original JPEGs, which every mode can use.
 
     Returns:
         The manifest written to `<output_dir>/manifest.json`.
@@ -445,7 +466,7 @@ def convert(
             logging.warning("%s: only %d images, so %d shards", split, len(refs), num_shards)
         shards = plan_shards(refs, num_shards, shuffle=split == "train")
         done = previous["splits"].get(split, {})
-        digest = _plan_digest(shards)
+        digest = _plan_digest(shards, resize)
         if done.get("plan_digest") == digest:
             if all(os.path.exists(os.path.join(output_dir, name)) for name in done["shards"]):
                 logging.info("%s: already complete in %s", split, output_dir)
@@ -466,7 +487,9 @@ def convert(
         pool = multiprocessing.get_context("spawn").Pool(num_workers, initializer=_init_worker)
     try:
         for split, shards in plans.items():
-            manifest["splits"][split] = _convert_split(split, shards, output_dir, pool, progress)
+            manifest["splits"][split] = _convert_split(
+                split, shards, output_dir, pool, progress, resize
+            )
             imagenet.write_manifest(output_dir, manifest)
             _warn_stale(output_dir, split, manifest["splits"][split]["shards"])
     finally:

@@ -110,29 +110,35 @@ def _decode_counting_skips(
     *,
     finite: bool,
     base_seed: tuple[int, int],
-    num_classes: int,
 ) -> tf.data.Dataset:
-    """Raw records -> `(image, label)`, dropping the undecodable ones and counting them
-    in `corrupt` (see the module docstring). A label outside `[0, num_classes)` is an
-    error, raised after the skipping (it must not be skipped as a corrupt image)."""
-    dataset = dataset.map(lambda *raw: (raw, False))
+    """Raw records -> `(uint8 image, label)`, dropping the undecodable ones and counting
+    them in `corrupt` (see the module docstring). Labels are checked per batch, later
+    (`_check_labels`): an out-of-range label must not be skipped as a corrupt image.
+
+    Every stage after the parallel map runs once per image in one thread, so an endless
+    (training) stream gets no more stages than it needs: no end marker, no per-image
+    conditional, no filter."""
     if finite:
+        dataset = dataset.map(lambda *raw: (raw, False))
         end = _sentinel(dataset.element_spec[0]).map(lambda *raw: (raw, True))
         dataset = dataset.concatenate(end)
     dataset = dataset.enumerate()
     base_seed = tf.constant(base_seed, tf.int64)
-    empty = (tf.zeros(preprocessor.output_shape, preprocessor.dtype), tf.constant(-1, tf.int32))
+    empty = (tf.zeros(preprocessor.output_shape, tf.uint8), tf.constant(-1, tf.int32))
+
+    def decode(index, raw):
+        encoded, label, bboxes = parse(*raw)
+        # One seed per record: the same augmentation whatever the parallelism.
+        seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+        return preprocessor.prepare(encoded, bboxes, seed), label
 
     def load(index, element):
+        if not finite:
+            # A source's element is one tensor (a serialized record) or a tuple of them.
+            raw = element if isinstance(element, tuple) else (element,)
+            return (index, *decode(index, raw))
         raw, is_end = element
-
-        def decode():
-            encoded, label, bboxes = parse(*raw)
-            # One seed per record: the same augmentation whatever the parallelism.
-            seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-            return preprocessor(encoded, bboxes, seed), label
-
-        image, label = tf.cond(is_end, lambda: empty, decode)
+        image, label = tf.cond(is_end, lambda: empty, lambda: decode(index, raw))
         return index, image, label, is_end
 
     # deterministic=True: the map must keep its input order for the gap count below.
@@ -140,25 +146,28 @@ def _decode_counting_skips(
     dataset = dataset.ignore_errors()
 
     def count_skipped(expected, element):
-        index, image, label, is_end = element
+        index, *rest = element
         corrupt.assign_add(index - expected)
-        return index + 1, (image, label, is_end)
+        return index + 1, tuple(rest)
 
     dataset = dataset.scan(tf.constant(0, tf.int64), count_skipped)
-    if finite:
-        dataset = dataset.filter(lambda image, label, is_end: tf.logical_not(is_end))
+    if not finite:
+        return dataset
+    dataset = dataset.filter(lambda image, label, is_end: tf.logical_not(is_end))
+    return dataset.map(lambda image, label, is_end: (image, label))
 
-    def check_label(image, label, is_end):
-        # Out-of-range labels make the loss fail on a CPU and silently NaN on a GPU; say why.
-        in_range = tf.logical_and(label >= 0, label < num_classes)
-        message = (
-            f"a label is outside [0, num_classes={num_classes}): the data has more classes "
-            "than num_classes (train.py: --num_classes), or labels that are not 0-based. Label:"
-        )
-        with tf.control_dependencies([tf.debugging.Assert(in_range, [message, label])]):
-            return image, tf.identity(label)
 
-    return dataset.map(check_label)
+def _check_labels(images: tf.Tensor, labels: tf.Tensor, num_classes: int):
+    """Fails on a batch with a label outside `[0, num_classes)`, naming the label: such labels
+    make the loss fail on a CPU and silently NaN on a GPU. Once per batch, not per image."""
+    in_range = tf.logical_and(labels >= 0, labels < num_classes)
+    bad = tf.boolean_mask(labels, tf.logical_not(in_range))
+    message = (
+        f"a label is outside [0, num_classes={num_classes}): the data has more classes "
+        "than num_classes (train.py: --num_classes), or labels that are not 0-based. Label:"
+    )
+    with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(in_range), [message, bad])]):
+        return images, tf.identity(labels)
 
 
 def build_dataset(
@@ -183,6 +192,7 @@ def build_dataset(
     std: Sequence[float] | None = None,
     labels_file: str | None = None,
     num_examples: int | None = None,
+    normalize: bool = True,
 ) -> InputSpec:
     """Builds the input pipeline of one worker.
 
@@ -214,6 +224,10 @@ def build_dataset(
         labels_file: official ILSVRC-2012 validation label list, for a flat validation
             folder (`source="folder"`).
         num_examples: size of the split, for `"synthetic"` only (default ILSVRC-2012's).
+        normalize: deliver float images of `dtype`, normalised with `mean` and `std` (once per
+            batch); False delivers the uint8 images (0..255), for a model that normalises
+            them on its own device (`lars_tf.models.build(..., normalize_input=(mean, std))`):
+            the float work then leaves the CPU and a batch is a quarter of the bytes.
 
     Returns:
         An `InputSpec` with the dataset, the exact split size and the corrupt-image count.
@@ -255,7 +269,8 @@ def build_dataset(
         num_classes = num_classes or 1000
         num_examples = num_examples or synthetic.synthetic_examples(split)
         dataset = synthetic.synthetic_dataset(
-            preprocessor,
+            preprocessor if normalize else None,
+            output_shape=preprocessor.output_shape,
             batch_size=batch_size,
             num_classes=num_classes,
             num_examples=num_examples,
@@ -286,9 +301,16 @@ def build_dataset(
         corrupt,
         finite=not is_training,
         base_seed=(augment_seed, shard_index),
-        num_classes=records.num_classes,
     )
     dataset = dataset.batch(batch_size, drop_remainder=is_training)
+    dataset = dataset.map(lambda x, y: _check_labels(x, y, records.num_classes))
+    if normalize:
+        # uint8 images per example, float work once per batch (see `preprocessing`).
+        dataset = dataset.map(
+            lambda images, labels: (preprocessor.normalize(images), labels),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=True,
+        )
     dataset = dataset.prefetch(AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = deterministic

@@ -26,8 +26,9 @@ def synthetic_examples(split: str) -> int:
 
 
 def synthetic_dataset(
-    preprocessor: ImagePreprocessor,
+    preprocessor: ImagePreprocessor | None,
     *,
+    output_shape: tuple[int, int, int],
     batch_size: int,
     num_classes: int,
     num_examples: int,
@@ -37,14 +38,19 @@ def synthetic_dataset(
 ) -> tf.data.Dataset:
     """Batches of `(images, int32 labels)`: endless when training, else one pass.
 
+    Images are `preprocessor.normalize`d random pixels, or uint8 pixels when `preprocessor`
+    is None (for a model that normalises its input).
+
     One pass is `ceil(num_examples / (batch_size * num_shards))` batches per worker.
     """
     # Stateless ops with a fixed seed: the same batch on every run and every worker.
     seeds = tf.random.experimental.stateless_split(tf.constant([seed, 0], tf.int64), 2)
+    # Whole pixel values, as decoded images have: uint8 or normalised, the same numbers.
     pixels = tf.random.stateless_uniform(
-        (batch_size, *preprocessor.output_shape), seeds[0], minval=0.0, maxval=255.0
+        (batch_size, *output_shape), seeds[0], minval=0, maxval=256, dtype=tf.int32
     )
-    images = preprocessor.normalize(pixels)
+    pixels = tf.cast(pixels, tf.uint8)
+    images = pixels if preprocessor is None else preprocessor.normalize(pixels)
     labels = tf.random.stateless_uniform(
         (batch_size,), seeds[1], minval=0, maxval=num_classes, dtype=tf.int32
     )

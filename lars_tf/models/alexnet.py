@@ -82,6 +82,7 @@ def alexnet(
     input_shape: Sequence[int] | None = None,
     data_format: str | None = None,
     dtype: str | keras.DTypePolicy | None = None,
+    normalize_input: tuple[Sequence[float] | None, Sequence[float] | None] | None = None,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-4,
     name: str = "alexnet",
@@ -104,6 +105,9 @@ def alexnet(
         dtype: Dtype policy (e.g. "mixed_float16") of every layer and of the model, so that
             `compile()` adds a `LossScaleOptimizer` under "mixed_float16"; None for the
             global policy. Logits are float32 either way.
+        normalize_input: None: float images, normalised by the input pipeline; or
+            `(mean, std)`: uint8 images, normalised by the model's first layer (see
+            `_common.model_input`).
         bn_momentum: Keras batch-norm momentum (the authors' moving_average_fraction 0.9).
         bn_epsilon: Batch-norm epsilon (the authors' 1e-4).
         name: Model name.
@@ -211,8 +215,8 @@ def alexnet(
             return x
         return keras.layers.Dropout(dropout, dtype=policy, name=f"drop{index}")(x)
 
-    inputs = keras.Input(shape=input_shape, name="images")
-    x = conv(inputs, "conv1", conv1_kernel_size, conv1_strides, conv1_padding)
+    inputs, images = _common.model_input(input_shape, data_format, policy, normalize_input)
+    x = conv(images, "conv1", conv1_kernel_size, conv1_strides, conv1_padding)
     x = pool(lrn(relu(x, 1), 1), 1)
     x = conv(batch_norm(x, 2), "conv2", 5)
     x = pool(lrn(relu(x, 2), 2), 2)

@@ -66,6 +66,7 @@ def resnet(
     input_shape: Sequence[int] | None = None,
     data_format: str | None = None,
     dtype: str | keras.DTypePolicy | None = None,
+    normalize_input: tuple[Sequence[float] | None, Sequence[float] | None] | None = None,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     name: str = "resnet50",
@@ -88,6 +89,9 @@ def resnet(
         dtype: Dtype policy (e.g. "mixed_float16") of every layer and of the model, so that
             `compile()` adds a `LossScaleOptimizer` under "mixed_float16"; None for the
             global policy. Logits are float32 either way.
+        normalize_input: None: float images, normalised by the input pipeline; or
+            `(mean, std)`: uint8 images, normalised by the model's first layer (see
+            `_common.model_input`).
         bn_momentum: Keras batch-norm momentum (decay of the moving statistics).
         bn_epsilon: Batch-norm epsilon.
         name: Model name.
@@ -188,11 +192,11 @@ def resnet(
         y = keras.layers.Add(dtype=policy, name=f"res{block_id}")([identity, y])
         return relu(y, f"res{block_id}_relu")
 
-    inputs = keras.Input(shape=input_shape, name="images")
+    inputs, images = _common.model_input(input_shape, data_format, policy, normalize_input)
     if stem == "imagenet":
-        x = conv(inputs, stage_filters[0], 7, 2, "conv1")
+        x = conv(images, stage_filters[0], 7, 2, "conv1")
     else:
-        x = conv(inputs, stage_filters[0], 3, 1, "conv1")
+        x = conv(images, stage_filters[0], 3, 1, "conv1")
     x = relu(batch_norm(x, "bn_conv1"), "conv1_relu")
     if stem == "imagenet":
         # He et al.'s Caffe pool1 (3x3/2, no padding, output size rounded up) is TF's

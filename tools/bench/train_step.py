@@ -1,9 +1,11 @@
 """Part 2: the training step on the CPU, LARS against SGD, and gradient accumulation.
 
-For each model, four variants run interleaved on the same fixed batch, all from the same
-initial weights: `Model.train_on_batch` with LARS, with SGD(momentum), with LARS and
+For each model, five variants run interleaved on the same fixed batch, all from the same
+initial weights: `Model.train_on_batch` with LARS (its default: the update compiled by XLA
+inside Keras' uncompiled CPU step), with SGD(momentum), with LARS and
 `gradient_accumulation_steps=k` (one timed sample is k micro-batches, i.e. exactly one
-update), and the forward and backward pass alone (the compute that part 5 scales).
+update), with LARS(jit_compile=False) (every `keras.ops` call of the update its own kernel),
+and the forward and backward pass alone (the compute that part 5 scales).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def measure_case(case: TrainCase, workload: Workload) -> dict[str, Any]:
     lars_model = _compiled(case, weights, _lars())
     sgd_model = _compiled(case, weights, keras.optimizers.SGD(SGD_LR, momentum=HYPER["momentum"]))
     accumulating = _compiled(case, weights, _lars(gradient_accumulation_steps=steps))
+    uncompiled = _compiled(case, weights, _lars(jit_compile=False))
 
     @tf.function
     def forward_backward():
@@ -78,11 +81,23 @@ def measure_case(case: TrainCase, workload: Workload) -> dict[str, Any]:
     def trainer(model):
         return lambda: model.train_on_batch(images, labels)
 
-    names = ("LARS", "SGD", f"LARS, accumulation {steps}", "forward+backward")
+    names = (
+        "LARS",
+        "SGD",
+        f"LARS, accumulation {steps}",
+        "forward+backward",
+        "LARS, jit_compile=False",
+    )
     variants = dict(
         zip(
             names,
-            (trainer(lars_model), trainer(sgd_model), trainer(accumulating), forward_backward),
+            (
+                trainer(lars_model),
+                trainer(sgd_model),
+                trainer(accumulating),
+                forward_backward,
+                trainer(uncompiled),
+            ),
             strict=True,
         )
     )
@@ -92,7 +107,7 @@ def measure_case(case: TrainCase, workload: Workload) -> dict[str, Any]:
         variants,
         repeats=workload.train_rounds,
         warmup=steps,
-        inner={names[0]: steps, names[1]: steps, names[2]: steps, names[3]: 1},
+        inner={names[0]: steps, names[1]: steps, names[2]: steps, names[3]: 1, names[4]: steps},
     )
     result = {
         "model": case.model,
@@ -117,6 +132,9 @@ def measure_case(case: TrainCase, workload: Workload) -> dict[str, Any]:
         "LARS / SGD step time": step_ratio,
         f"images/s, accumulation {steps} / 1": throughput_ratio,
         "forward+backward / LARS step": timing.paired_ratio(compute, samples[names[0]]),
+        "LARS, jit_compile=False / SGD step time": timing.paired_ratio(
+            samples[names[4]], samples[names[1]]
+        ),
     }
     result["compute_s_per_image"] = timing.summarize(compute)["median"] / case.batch
     result["targets"] = [
