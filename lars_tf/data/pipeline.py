@@ -10,8 +10,10 @@ is followed by `ignore_errors()`, which drops that element. To count the drops, 
 record is numbered before the map (`enumerate`) and the map keeps the order of its input
 (it still runs `num_parallel_calls` images at once), so a gap in the numbers after
 `ignore_errors()` is exactly the number of records dropped there. A sequential `scan`
-adds the gaps to a `tf.Variable`. An evaluation pass (finite) ends with a marker record
-that is never decoded, so corrupt records at the very end are counted too. A damaged
+adds the gaps to a `tf.Variable`: per batch when training (one function call per batch,
+not per image, in the pipeline's one sequential thread), per image in an evaluation
+pass (finite), which ends with a marker record that is never decoded, so corrupt records at
+the very end are counted too. A damaged
 TFRecord file (bad checksum, truncated) also stops short of crashing: the read error is
 counted once and the rest of that file is lost for the pass.
 """
@@ -110,14 +112,16 @@ def _decode_counting_skips(
     *,
     finite: bool,
     base_seed: tuple[int, int],
+    batch_size: int,
 ) -> tf.data.Dataset:
-    """Raw records -> `(uint8 image, label)`, dropping the undecodable ones and counting
-    them in `corrupt` (see the module docstring). Labels are checked per batch, later
+    """Raw records -> batches of `(uint8 images, labels)`, dropping the undecodable records
+    and counting them in `corrupt` (see the module docstring); an endless (training) stream
+    drops its last partial batch, a finite one keeps it. Labels are checked per batch, later
     (`_check_labels`): an out-of-range label must not be skipped as a corrupt image.
 
-    Every stage after the parallel map runs once per image in one thread, so an endless
-    (training) stream gets no more stages than it needs: no end marker, no per-image
-    conditional, no filter."""
+    Each stage after the parallel decode that calls a function runs once per element in one
+    thread, so a training stream has none per image: no end marker, conditional or filter,
+    and the count of skipped records (the gaps in the record indices) is taken per batch."""
     if finite:
         dataset = dataset.map(lambda *raw: (raw, False))
         end = _sentinel(dataset.element_spec[0]).map(lambda *raw: (raw, True))
@@ -144,6 +148,18 @@ def _decode_counting_skips(
     # deterministic=True: the map must keep its input order for the gap count below.
     dataset = dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
     dataset = dataset.ignore_errors()
+    if not finite:
+
+        def count_skipped_in_batch(expected, batch):
+            # Indices rise through the batch; the records missing between `expected` and
+            # the last index were dropped as undecodable.
+            indices, images, labels = batch
+            last = indices[-1]
+            corrupt.assign_add(last + 1 - expected - tf.size(indices, tf.int64))
+            return last + 1, (images, labels)
+
+        dataset = dataset.batch(batch_size, drop_remainder=True)
+        return dataset.scan(tf.constant(0, tf.int64), count_skipped_in_batch)
 
     def count_skipped(expected, element):
         index, *rest = element
@@ -151,10 +167,9 @@ def _decode_counting_skips(
         return index + 1, tuple(rest)
 
     dataset = dataset.scan(tf.constant(0, tf.int64), count_skipped)
-    if not finite:
-        return dataset
     dataset = dataset.filter(lambda image, label, is_end: tf.logical_not(is_end))
-    return dataset.map(lambda image, label, is_end: (image, label))
+    dataset = dataset.map(lambda image, label, is_end: (image, label))
+    return dataset.batch(batch_size, drop_remainder=False)
 
 
 def _check_labels(images: tf.Tensor, labels: tf.Tensor, num_classes: int):
@@ -301,8 +316,8 @@ def build_dataset(
         corrupt,
         finite=not is_training,
         base_seed=(augment_seed, shard_index),
+        batch_size=batch_size,
     )
-    dataset = dataset.batch(batch_size, drop_remainder=is_training)
     dataset = dataset.map(lambda x, y: _check_labels(x, y, records.num_classes))
     if normalize:
         # uint8 images per example, float work once per batch (see `preprocessing`).
