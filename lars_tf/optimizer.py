@@ -254,7 +254,7 @@ class LARS(keras.optimizers.Optimizer):
 
     Speed: on the TensorFlow backend the whole update (every variable) is one XLA computation
     when `jit_compile=True` (the default), whether or not the train step itself is compiled:
-    the norms and the momentum step then cost about what Keras' SGD update costs without XLA
+    the norms and the momentum step then take less time than Keras' SGD update without XLA
     (`docs/benchmarks.md`). The numbers differ from the uncompiled update only by rounding.
 
     Example:
