@@ -441,8 +441,11 @@ class LARS(keras.optimizers.Optimizer):
             rows = self._pending_statistics
         finally:
             _set_plain(self, "_pending_statistics", None)
-        previous = ops.convert_to_tensor(self._statistics)
-        table = [rows.get(i, previous[i]) for i in range(len(self._statistic_paths))]
+        if len(rows) == len(self._statistic_paths):
+            table = [rows[i] for i in range(len(rows))]
+        else:  # a subset of the variables was updated: the others keep their rows
+            previous = ops.convert_to_tensor(self._statistics)
+            table = [rows[i] if i in rows else previous[i] for i in range(len(previous))]
         self.assign(self._statistics, ops.stack(table))
 
     def update_step(self, gradient, variable, learning_rate):
