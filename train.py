@@ -8,8 +8,9 @@ optimizer; average gradients across workers and broadcast rank 0's state; resume
 latest checkpoint in --model_dir; `fit`; evaluate; report. The flags are in train_flags.py,
 the machinery in lars_tf (training, distributed, callbacks). Rerunning the same command
 resumes where the previous run stopped (see lars_tf.training for the exact semantics).
-Exit status: 0 when done, 1 when the loss became NaN/Inf, 143 after a SIGTERM (a checkpoint
-was written first).
+Exit status: 0 when done, 3 when the loss became NaN/Inf (`EXIT_DIVERGED`: a result, not a
+crash, which exits 1 as any Python error does), 143 after a SIGTERM (a checkpoint was
+written first).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from lars_tf import batchnorm, callbacks, data, distributed, models, training  #
 
 train_flags.define_all()
 FLAGS = flags.FLAGS
+# The loss diverged (NaN/Inf): distinct from 1, the status of any uncaught error.
+EXIT_DIVERGED = 3
 
 
 def build_input(num_workers: int, rank: int, batch: int, image_size: int):
@@ -294,7 +297,7 @@ def main(argv: list[str]) -> int:
             f"Training stopped: the loss or the weights became NaN or Inf at step "
             f"{guard.failed_step}. {kept}"
         )
-        return 1
+        return EXIT_DIVERGED
     if guard.stop_reason == "sigterm":
         report(f"SIGTERM: stopped at step {guard.step}; checkpoint {checkpointer.latest}.")
         return 143

@@ -124,8 +124,9 @@ def test_sweep_resumes_and_never_redoes_finished_runs(tmp_path):
 def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):
     runs = sweep.scaling_runs(TINY)
     diverging, crashing = runs[1].name, runs[2].name  # SGD + warm-up and LARS at 2048
-    fake = FakeTrain({diverging: 1, crashing: 2})
-    with pytest.raises(SystemExit, match="exit status 2"):
+    fake = FakeTrain({diverging: 3, crashing: 1})
+    # A crash exits 1, as any uncaught Python error does: not to be taken for a divergence.
+    with pytest.raises(SystemExit, match="exit status 1"):
         sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", fake)
     assert fake.calls == [runs[0].name, diverging, crashing]
     # The crash is retried on the next start (train.py resumes it); the divergence is not.
@@ -136,7 +137,7 @@ def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):
 
 
 def test_report_tables_mark_partial_results(tmp_path):
-    fake = FakeTrain({sweep.scaling_runs(TINY)[4].name: 1})  # SGD + warm-up, 1024
+    fake = FakeTrain({sweep.scaling_runs(TINY)[4].name: 3})  # SGD + warm-up, 1024
     sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", fake, max_runs=6)
     page = (tmp_path / "results" / "cifar10_tiny.md").read_text()
     assert "Runs finished: 5 of 12 batch-scaling runs and 0 of 3 train-longer runs" in page

@@ -220,7 +220,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         f"--model_dir={model_dir}",
         check=False,
     )
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the loss or the weights became NaN or Inf at step" in proc.stdout
     step = int(proc.stdout.split("NaN or Inf at step ")[1].split(".")[0])
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))

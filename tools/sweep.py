@@ -9,7 +9,7 @@
 Each run is one `train.py` process (flag files `flags/cifar10_{sgd,sgd_warmup,lars}.cfg`
 plus the run's model, batch, learning rate, epochs, warm-up and seed) in its own directory
 under `--runs_dir`. A run is finished when its `results.json` exists, or when `train.py`
-exited 1 (the loss diverged: recorded, not retried); finished runs are never redone, and an
+exited 3 (the loss diverged: recorded, not retried); finished runs are never redone, and an
 interrupted run resumes from its checkpoint when the sweep is started again.
 
 Order, so that partial results are useful early: the middle learning rate of every cell
@@ -51,6 +51,8 @@ MODEL_FLAGS = {
     "resnet20_cifar": (),
     "resnet32_cifar": (),
 }
+# train.py's exit status when the loss diverged (any other failure is not a result).
+EXIT_DIVERGED = 3
 # Train-longer runs (Table 5 of the paper): multiples of the epoch budget.
 LONGER = (1.25, 1.5, 2.0)
 
@@ -283,7 +285,7 @@ def read_record(run: Run, model_dir: Path) -> dict | None:
             "status": "done",
             **{k: values.get(k) for k in ("top1", "top5", "loss", "step")},
         }
-    if status.get("returncode") == 1:
+    if status.get("returncode") == EXIT_DIVERGED:
         return {**record, "status": "diverged", "top1": None, "top5": None, "loss": None}
     return None
 
