@@ -141,10 +141,19 @@ class Checkpointer:
         path = self.latest
         if path is None:
             return 0
-        status = self._checkpoint.restore(path)
-        # Every saved model and optimizer variable must find its counterpart: a checkpoint
-        # of another model or optimizer configuration is an error, not a partial restore.
-        status.assert_existing_objects_matched()
+        # Every saved model and optimizer variable must find its counterpart, of its shape: a
+        # checkpoint of another model or optimizer configuration is an error, not a partial
+        # restore.
+        try:
+            self._checkpoint.restore(path).assert_existing_objects_matched()
+        except (AssertionError, ValueError) as error:
+            raise ValueError(
+                f"checkpoint {path} does not match this model and optimizer: it was written "
+                "by another configuration (train.py: another --model or model option, "
+                "--optimizer, --normalize_on_device, or an older lars_tf). Resume with the "
+                "flags that wrote it (flags.txt beside it), or start in a new model directory. "
+                f"TensorFlow says: {str(error).splitlines()[0][:500]}"
+            ) from None
         return int(self._images.numpy())
 
     def save(self, images_seen: int, step: int) -> str | None:

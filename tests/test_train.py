@@ -104,6 +104,24 @@ def test_checkpointer_keeps_the_last_good_checkpoint(tmp_path):
     assert np.isfinite(model.layers[0].kernel.numpy()).all()
 
 
+def test_a_checkpoint_of_another_configuration_is_refused_with_the_reason(tmp_path):
+    import keras
+
+    from lars_tf.optimizer import LARS
+
+    def setup(layers):
+        model = keras.Sequential([keras.Input((3,)), *layers, keras.layers.Dense(2)])
+        optimizer = LARS(0.1)
+        optimizer.build(model.trainable_variables)
+        return training.Checkpointer(tmp_path, model, optimizer)
+
+    written = setup([]).save(images_seen=64, step=1)
+    # One layer more (as --normalize_on_device adds in front of a model): not a partial restore.
+    with pytest.raises(ValueError, match="does not match this model and optimizer") as error:
+        setup([keras.layers.Dense(3)]).restore_latest()
+    assert written in str(error.value) and "flags.txt" in str(error.value)
+
+
 def test_single_process_synthetic_run_writes_everything(tmp_path):
     model_dir = tmp_path / "run"
     proc = train(

@@ -606,7 +606,8 @@ def plot(
             axis.set_ylabel("test top-1 (%), best LR")
             axis.set_title(f"{model}, {protocol.epochs:g} epochs")
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=8)
+            if axis.get_legend_handles_labels()[0]:  # a model with no finished run yet has none
+                axis.legend(fontsize=8)
         figure.tight_layout()
         path = results_dir / f"{stem}_accuracy_vs_batch.png"
         figure.savefig(path, dpi=100)
