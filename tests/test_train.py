@@ -122,6 +122,22 @@ def test_a_checkpoint_of_another_configuration_is_refused_with_the_reason(tmp_pa
     assert written in str(error.value) and "flags.txt" in str(error.value)
 
 
+def test_normalising_in_tf_data_instead_of_on_the_device_trains_too(tmp_path):
+    # --normalize_on_device (default) moves the normalisation into the model; the other
+    # placement must still run end to end (the equality of both is tested in test_models
+    # and test_data).
+    proc = train(
+        *TINY,
+        *SYNTHETIC,
+        "--nonormalize_on_device",
+        "--train_steps=2",
+        "--eval_steps=1",
+        f"--model_dir={tmp_path / 'run'}",
+    )
+    assert "Evaluation at step 2 on 16 images" in proc.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 2
+
+
 def test_single_process_synthetic_run_writes_everything(tmp_path):
     model_dir = tmp_path / "run"
     proc = train(
