@@ -234,11 +234,15 @@ class ImagePreprocessor:
         training = self.is_training and self.mode in ("paper", "inception", "cifar")
         if training and seed is None:
             raise ValueError(f"preprocessing={self.mode!r} for training needs a seed")
+        crop_seed, flip_seed = (
+            tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            if training
+            else (None, None)
+        )
         size, channels = self.image_size, self.channels
         if self.mode == "paper":
             image = _resize_unless_sized(decode(encoded, channels), self.resize_size)
             if training:
-                crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
                 image = tf.image.stateless_random_crop(image, self.output_shape, crop_seed)
                 image = tf.image.stateless_random_flip_left_right(image, flip_seed)
             else:
@@ -247,10 +251,9 @@ class ImagePreprocessor:
         elif self.mode == "inception" and training:
             if bboxes is None:
                 bboxes = tf.zeros([1, 0, 4], tf.float32)
-            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
             window = random_crop_window(_shape_of(encoded, channels), bboxes, crop_seed)
-            # Flipping the (uint8) crop before the resize equals flipping after it: the
-            # half-pixel bilinear grid is mirror-symmetric.
+            # Flipping the (uint8) crop before the resize equals flipping after it, up to
+            # float rounding: the half-pixel bilinear grid is mirror-symmetric.
             crop = decode_and_crop(encoded, window, channels)
             crop = tf.image.stateless_random_flip_left_right(crop, flip_seed)
             image = _to_uint8(_resize(crop, size))
@@ -261,7 +264,6 @@ class ImagePreprocessor:
             image = _resize_unless_sized(decode(encoded, channels), size)
             if training:
                 padding = [[CIFAR_PADDING, CIFAR_PADDING], [CIFAR_PADDING, CIFAR_PADDING], [0, 0]]
-                crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
                 image = tf.image.stateless_random_crop(
                     tf.pad(image, padding), self.output_shape, crop_seed
                 )
