@@ -63,9 +63,9 @@ def prepare_tfrecords(
     return output
 
 
-def decode_only_dataset(data_dir: str, batch: int) -> tf.data.Dataset:
-    """The train shards, read, parsed and JPEG-decoded whole, in parallel; nothing else."""
-    records = sources.tfrecord_source(
+def _train_records(data_dir: str) -> sources.Records:
+    """The train shards, one worker, files in order: what the bare pipelines read."""
+    return sources.tfrecord_source(
         data_dir,
         "train",
         num_classes=None,
@@ -75,6 +75,11 @@ def decode_only_dataset(data_dir: str, batch: int) -> tf.data.Dataset:
         seed=None,
         deterministic=False,
     )
+
+
+def decode_only_dataset(data_dir: str, batch: int) -> tf.data.Dataset:
+    """The train shards, read, parsed and JPEG-decoded whole, in parallel; nothing else."""
+    records = _train_records(data_dir)
 
     def decode(*raw):
         encoded, _, _ = records.parse(*raw)
@@ -95,16 +100,7 @@ def preprocessing_only_dataset(
 ) -> tf.data.Dataset:
     """The limit's bare parallel map running the per-image part of `preprocessor` (one fixed
     seed) after parsing, batched as uint8: the preprocessing without the pipeline around it."""
-    records = sources.tfrecord_source(
-        data_dir,
-        "train",
-        num_classes=None,
-        num_shards=1,
-        shard_index=0,
-        shuffle=False,
-        seed=None,
-        deterministic=False,
-    )
+    records = _train_records(data_dir)
     seed = tf.constant([0, 0], tf.int64)
 
     def preprocess(*raw):
