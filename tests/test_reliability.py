@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from checkpoint_files import checkpoint_values
 from jpeg_fixtures import cmyk_jpeg_bytes, jpeg_bytes, png_bytes, random_pixels, tfds_builder
 
 import train_flags
@@ -169,18 +170,6 @@ def checkpoint_numbers(model_dir: Path) -> list[int]:
 def latest_step(model_dir: Path) -> int | None:
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     return None if latest is None else int(latest.rsplit("-", 1)[1])
-
-
-def checkpoint_values(model_dir: Path) -> dict[str, np.ndarray]:
-    """Every value of the latest checkpoint (reading them all proves it loads)."""
-    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-    assert latest, f"no checkpoint in {model_dir}"
-    reader = tf.train.load_checkpoint(latest)
-    return {
-        name: reader.get_tensor(name)
-        for name in reader.get_variable_to_shape_map()
-        if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
-    }
 
 
 def images_seen(values: dict[str, np.ndarray]) -> int:

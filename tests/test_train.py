@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from checkpoint_files import checkpoint_values
 from jpeg_fixtures import jpeg_bytes
 
 from lars_tf import training
@@ -57,17 +58,6 @@ def train(*argv: str, workers: int = 1, check: bool = True) -> subprocess.Comple
     if check:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
-
-
-def checkpoint_values(model_dir: Path) -> dict[str, np.ndarray]:
-    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-    assert latest, f"no checkpoint in {model_dir}"
-    reader = tf.train.load_checkpoint(latest)
-    return {
-        name: reader.get_tensor(name)
-        for name in reader.get_variable_to_shape_map()
-        if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")
-    }
 
 
 def test_plan_segments_finish_a_partial_epoch_first():
