@@ -121,6 +121,45 @@ def test_sweep_resumes_and_never_redoes_finished_runs(tmp_path):
     assert third.calls == []
 
 
+def test_order_climbs_towards_each_cells_best_rate(tmp_path):
+    """After the middle rates, each cell tries the neighbours of its best rate so far, so a
+    sweep stopped early has bracketed as many optima as it could."""
+    wide = dataclasses.replace(
+        TINY, name="wide", batches=(2048,), lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0)
+    )
+
+    def rising(run: sweep.Run) -> float:  # every cell's best is its largest rate
+        return run.lr / 100
+
+    class Rising(FakeTrain):
+        def __call__(self, run, model_dir):
+            code = super().__call__(run, model_dir)
+            (model_dir / "results.json").write_text(json.dumps({"step": 1, "top1": rising(run)}))
+            return code
+
+    fake = Rising({"alexnet_bn_small_sgd_warmup_b2048_lr1.6_e2_s1": 3})
+    sweep.sweep(wide, tmp_path / "runs", tmp_path / "results", fake)
+    assert [n.removeprefix("alexnet_bn_small_") for n in fake.calls] == [
+        # The middle rate of every cell (the SGD + warm-up one diverges), the ablation.
+        "sgd_b128_lr0.1_e2_s1",
+        "sgd_warmup_b2048_lr1.6_e2_s1",
+        "lars_b2048_lr14.1_e2_s1",
+        "lars_b2048_lr14.1_e2_s1_movingstats",
+        # Neighbours of each cell's best, largest batch first, the baseline last: below a
+        # divergence; both sides of LARS's middle, then up while the top rate stays best.
+        "sgd_warmup_b2048_lr0.8_e2_s1",
+        "lars_b2048_lr7.07_e2_s1",
+        "lars_b2048_lr28.3_e2_s1",
+        "lars_b2048_lr56.6_e2_s1",
+        "sgd_b128_lr0.05_e2_s1",
+        # The rest of the grid, then train longer with the best LARS rate.
+        "lars_b2048_lr3.54_e2_s1",
+        "lars_b2048_lr56.6_e2.5_s1",
+        "lars_b2048_lr56.6_e3_s1",
+        "lars_b2048_lr56.6_e4_s1",
+    ]
+
+
 def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):
     runs = sweep.scaling_runs(TINY)
     diverging, crashing = runs[1].name, runs[2].name  # SGD + warm-up and LARS at 2048

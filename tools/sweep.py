@@ -226,13 +226,60 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     """Every run known so far in launch order, one model after the other (a model's results
     are complete before the next one starts): the middle rates of all its cells, its
     train-longer runs (as soon as the largest batch's LARS cell is complete: they are planned
-    from it), its other rates, its baseline's last (those runs are the slowest)."""
+    from it), the untried neighbours of each cell's best rate so far (`next_to_best`), its
+    other rates, its baseline's last (those runs are the slowest).
+
+    The order is recomputed after every run, so the neighbours step climb towards each cell's
+    best rate: a sweep stopped early has bracketed the best of as many cells as it could,
+    rather than filled the grid in a fixed order.
+    """
     order = []
     longer = longer_runs(protocol, records)
     for model in protocol.models:
         first, rest, baseline_rest = _scaling_groups(protocol, model)
-        order += first + [r for r in longer if r.model == model] + rest + baseline_rest
-    return order
+        climb = next_to_best(protocol, model, records)
+        order += first + [r for r in longer if r.model == model] + climb + rest + baseline_rest
+    unique = {}
+    for run in order:
+        unique.setdefault(run.name, run)
+    return list(unique.values())
+
+
+def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> list[Run]:
+    """Untried rates next to the best finished rate of each cell that has one, largest batch
+    first, the baseline last. A cell whose finished runs all diverged counts its smallest
+    tried rate as best (the next one down is what to try)."""
+    runs = []
+    baseline, *large = cells(protocol, model)
+    for method, batch in [*sorted(large, key=lambda c: -c[1]), baseline]:
+        for seed in protocol.seeds:
+            cell = sorted(
+                (
+                    r
+                    for r in scaling_runs(protocol)
+                    if r.part == "scaling"
+                    and (r.model, r.method, r.batch, r.seed) == (model, method, batch, seed)
+                ),
+                key=lambda r: r.lr,
+            )
+            tried = [i for i, r in enumerate(cell) if r.name in records]
+            if not tried:
+                continue
+
+            best = _best_tried(cell, tried, records)
+            runs += [cell[i] for i in (best - 1, best + 1) if 0 <= i < len(cell) and i not in tried]
+    return runs
+
+
+def _best_tried(cell: list[Run], tried: list[int], records: dict[str, dict]) -> int:
+    """Index of the best finished run of a cell; diverged runs rank below any accuracy, and
+    among them the smallest rate highest."""
+
+    def score(i: int) -> tuple[float, int]:
+        top1 = records[cell[i].name]["top1"]
+        return (-1.0, -i) if top1 is None else (top1, 0)
+
+    return max(tried, key=score)
 
 
 def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
