@@ -188,7 +188,13 @@ def test_report_tables_mark_partial_results(tmp_path):
     assert "LR 7.07: not run" in page
     assert "| alexnet_bn_small | LARS + warm-up + poly(2) | 2048 | 14.1 | 61.96 | 61.96 |" in page
     assert "| alexnet_bn_small | 2048 | 61.96 | not run | not run | not run |" in page
-    assert (tmp_path / "results" / "cifar10_tiny_accuracy_vs_batch.png").stat().st_size > 1000
+    for figure in ("accuracy_vs_batch", "accuracy_vs_lr"):
+        assert (tmp_path / "results" / f"cifar10_tiny_{figure}.png").stat().st_size > 1000
+        assert f"![cifar10_tiny_{figure}](cifar10_tiny_{figure}.png)" in page
+    # The LR plot's axis: every batch of a method on the grid's unscaled rates.
+    assert sweep.base_rate(TINY, "sgd_warmup", 2048, 1.6) == pytest.approx(0.1)
+    assert sweep.base_rate(TINY, "lars", 4096, 20.0) == pytest.approx(10.0)
+    assert sweep.base_rate(TINY, "sgd", 128, 0.05) == 0.05
     logs = sorted((tmp_path / "results" / "logs" / "tiny").glob("*.csv"))
     assert len(logs) == 5  # the diverged run wrote no log
     with open(tmp_path / "results" / "cifar10_tiny_runs.csv") as f:

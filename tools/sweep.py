@@ -13,12 +13,13 @@ exited 3 (the loss diverged: recorded, not retried); finished runs are never red
 interrupted run resumes from its checkpoint when the sweep is started again.
 
 Order, so that partial results are useful early: the middle learning rate of every cell
-(method x batch) first, then the other rates, then the "train longer" runs (they need the
-best rate of the largest batch). After every run the report is rewritten in
-`--results_dir`: `cifar10_<protocol>.md` (the LR sweep, the best accuracy per cell with its
-rate, the train-longer table, what is still missing), `cifar10_<protocol>_*.png`, a summary
-`cifar10_<protocol>_runs.csv`, and each run's per-epoch `training_log.csv` under
-`logs/<protocol>/`.
+(method x batch) first; the "train longer" runs as soon as the largest batch's LARS cell is
+complete (they need its best rate); then the untried neighbours of each cell's best rate so
+far, recomputed after every run; then the rest of the grid. After every run the report is
+rewritten in `--results_dir`: `cifar10_<protocol>.md` (the LR sweep, the best accuracy per
+cell with its rate, the train-longer table, what is still missing), `cifar10_<protocol>_*.png`
+(top-1 against batch, learning rate and epochs), a summary `cifar10_<protocol>_runs.csv`, and
+each run's per-epoch `training_log.csv` under `logs/<protocol>/`.
 """
 
 from __future__ import annotations
@@ -616,79 +617,167 @@ def plot(
     results_dir: Path,
     stem: str,
 ) -> list[Path]:
-    """Top-1 against batch per method and model; top-1 against epoch budget. Returns the
-    files written (none without measurements)."""
+    """Top-1 against batch per method and model, against the learning rate per cell, against
+    the epoch budget. Returns the files written (none without measurements)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    figures = [
+        ("accuracy_vs_batch", _plot_vs_batch(plt, protocol, best_rows)),
+        ("accuracy_vs_lr", _plot_vs_lr(plt, protocol, records)),
+        ("accuracy_vs_epochs", _plot_vs_epochs(plt, protocol, records, best_rows)),
+    ]
     written = []
-    measured = [b for b in best_rows if b["best"] is not None]
-    if measured:
-        figure, axes = plt.subplots(
-            1, len(protocol.models), figsize=(5 * len(protocol.models), 4), squeeze=False
-        )
-        for axis, model in zip(axes[0], protocol.models, strict=True):
-            baseline = [b for b in measured if b["model"] == model and b["method"] == "sgd"]
-            for method, marker in (("sgd_warmup", "s"), ("lars", "o")):
-                points = [
-                    (b["batch"], 100 * b["best"]["top1"])
-                    for b in measured
-                    if b["model"] == model and b["method"] == method
-                ]
-                if points:
-                    axis.plot(
-                        *zip(*points, strict=True), marker=marker, label=METHOD_TITLES[method]
-                    )
-            if baseline:
-                axis.axhline(
-                    100 * baseline[0]["best"]["top1"],
-                    color="gray",
-                    linestyle="--",
-                    label=f"SGD, batch {protocol.baseline_batch}",
-                )
-            axis.set_xscale("log", base=2)
-            axis.set_xlabel("batch size")
-            axis.set_ylabel("test top-1 (%), best LR")
-            axis.set_title(f"{model}, {protocol.epochs:g} epochs")
-            axis.grid(alpha=0.3)
-            if axis.get_legend_handles_labels()[0]:  # a model with no finished run yet has none
-                axis.legend(fontsize=8)
+    for name, figure in figures:
+        if figure is None:
+            continue
         figure.tight_layout()
-        path = results_dir / f"{stem}_accuracy_vs_batch.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
-    longer = [r for r in records.values() if r["part"] == "longer" and r["top1"] is not None]
-    if longer:
-        figure, axis = plt.subplots(figsize=(5, 4))
-        batch = max(protocol.batches)
-        for model in protocol.models:
-            cell = next(
-                (
-                    b
-                    for b in measured
-                    if (b["model"], b["method"], b["batch"]) == (model, "lars", batch)
-                ),
-                None,
-            )
-            points = [(r["epochs"], 100 * r["top1"]) for r in longer if r["model"] == model]
-            if cell is not None:
-                points.append((protocol.epochs, 100 * cell["best"]["top1"]))
-            if points:
-                axis.plot(*zip(*sorted(points), strict=True), marker="o", label=model)
-        axis.set_xlabel("epochs")
-        axis.set_ylabel("test top-1 (%)")
-        axis.set_title(f"LARS, batch {batch}: longer training")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        path = results_dir / f"{stem}_accuracy_vs_epochs.png"
+        path = results_dir / f"{stem}_{name}.png"
         figure.savefig(path, dpi=100)
         plt.close(figure)
         written.append(path)
     return written
+
+
+def _plot_vs_batch(plt, protocol: Protocol, best_rows: list[dict]):
+    measured = [b for b in best_rows if b["best"] is not None]
+    if not measured:
+        return None
+    figure, axes = plt.subplots(
+        1, len(protocol.models), figsize=(5 * len(protocol.models), 4), squeeze=False
+    )
+    for axis, model in zip(axes[0], protocol.models, strict=True):
+        baseline = [b for b in measured if b["model"] == model and b["method"] == "sgd"]
+        for method, marker in (("sgd_warmup", "s"), ("lars", "o")):
+            points = [
+                (b["batch"], 100 * b["best"]["top1"])
+                for b in measured
+                if b["model"] == model and b["method"] == method
+            ]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker=marker, label=METHOD_TITLES[method])
+        if baseline:
+            axis.axhline(
+                100 * baseline[0]["best"]["top1"],
+                color="gray",
+                linestyle="--",
+                label=f"SGD, batch {protocol.baseline_batch}",
+            )
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("batch size")
+        axis.set_ylabel("test top-1 (%), best LR")
+        axis.set_title(f"{model}, {protocol.epochs:g} epochs")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:  # a model with no finished run yet has none
+            axis.legend(fontsize=8)
+    return figure
+
+
+def base_rate(protocol: Protocol, method: str, batch: int, lr: float) -> float:
+    """The grid's rate before scaling: per `baseline_batch` images for SGD, at batch 1024
+    for LARS (see `Protocol`), so that every batch of a method shares one axis."""
+    if method == "lars":
+        return lr / math.sqrt(batch / 1024)
+    if method == "sgd_warmup":
+        return lr * protocol.baseline_batch / batch
+    return lr
+
+
+def _plot_vs_lr(plt, protocol: Protocol, records: dict[str, dict]):
+    """One panel per model and method: top-1 against the base rate, a line per batch;
+    diverged runs drawn as crosses on the x axis."""
+    scaling = [r for r in records.values() if r["part"] == "scaling"]
+    if not scaling:
+        return None
+    panels = [("sgd_warmup", "SGD + linear scaling + warm-up (batch 128: baseline)"), ("lars", "")]
+    figure, axes = plt.subplots(
+        len(protocol.models),
+        len(panels),
+        figsize=(5 * len(panels), 3.6 * len(protocol.models)),
+        squeeze=False,
+        sharey=True,
+    )
+    batches = [protocol.baseline_batch, *protocol.batches]
+    palette = plt.get_cmap("viridis")
+    colors = {b: palette(i / max(1, len(batches) - 1)) for i, b in enumerate(batches)}
+    for row, model in zip(axes, protocol.models, strict=True):
+        for axis, (method, title) in zip(row, panels, strict=True):
+            methods = ("sgd", method) if method == "sgd_warmup" else (method,)
+            for batch in batches:
+                runs = sorted(
+                    (
+                        r
+                        for r in scaling
+                        if r["model"] == model and r["method"] in methods and r["batch"] == batch
+                    ),
+                    key=lambda r: r["lr"],
+                )
+                done = [r for r in runs if r["top1"] is not None]
+                x = [base_rate(protocol, r["method"], batch, r["lr"]) for r in done]
+                if done:
+                    axis.plot(
+                        x,
+                        [100 * r["top1"] for r in done],
+                        marker="o",
+                        color=colors[batch],
+                        label=f"batch {batch}",
+                    )
+                diverged = [
+                    base_rate(protocol, r["method"], batch, r["lr"])
+                    for r in runs
+                    if r["top1"] is None
+                ]
+                if diverged:
+                    axis.plot(diverged, [0] * len(diverged), "x", color=colors[batch], ms=9)
+            axis.set_xscale("log")
+            grid = protocol.sgd_base_lrs if method == "sgd_warmup" else protocol.lars_base_lrs
+            if method == "sgd_warmup":
+                grid = sorted({*grid, *protocol.baseline_lrs})
+            axis.set_xticks(grid, labels=[f"{r:g}" for r in grid])
+            axis.minorticks_off()
+            axis.set_xlim(min(grid) / 1.25, max(grid) * 1.25)
+            axis.set_xlabel(
+                "rate per 128 images (LR x 128 / batch)"
+                if method == "sgd_warmup"
+                else "rate at batch 1024 (LR / sqrt(batch / 1024))"
+            )
+            axis.set_ylabel("test top-1 (%)")
+            axis.set_title(f"{model}: {title or METHOD_TITLES[method]}", fontsize=9)
+            axis.grid(alpha=0.3)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7, title="x on the axis: diverged", title_fontsize=7)
+    return figure
+
+
+def _plot_vs_epochs(plt, protocol: Protocol, records: dict[str, dict], best_rows: list[dict]):
+    longer = [r for r in records.values() if r["part"] == "longer" and r["top1"] is not None]
+    if not longer:
+        return None
+    measured = [b for b in best_rows if b["best"] is not None]
+    figure, axis = plt.subplots(figsize=(5, 4))
+    batch = max(protocol.batches)
+    for model in protocol.models:
+        cell = next(
+            (
+                b
+                for b in measured
+                if (b["model"], b["method"], b["batch"]) == (model, "lars", batch)
+            ),
+            None,
+        )
+        points = [(r["epochs"], 100 * r["top1"]) for r in longer if r["model"] == model]
+        if cell is not None:
+            points.append((protocol.epochs, 100 * cell["best"]["top1"]))
+        if points:
+            axis.plot(*zip(*sorted(points), strict=True), marker="o", label=model)
+    axis.set_xlabel("epochs")
+    axis.set_ylabel("test top-1 (%)")
+    axis.set_title(f"LARS, batch {batch}: longer training")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return figure
 
 
 # Command line.
