@@ -160,6 +160,26 @@ def test_order_climbs_towards_each_cells_best_rate(tmp_path):
     ]
 
 
+def test_runs_at_chance_rank_as_failures_when_climbing():
+    """Two runs at chance (10% on CIFAR-10) differ by noise: the climb goes below the smaller
+    rate, not towards the larger one that was luckier."""
+    wide = dataclasses.replace(TINY, batches=(2048,), sgd_base_lrs=(0.01, 0.02, 0.05, 0.1))
+    cell = sweep.cell_lrs(wide, "sgd_warmup", 2048)  # [0.16, 0.32, 0.8, 1.6]
+
+    def climb(top1_by_lr: dict[float, float | None]) -> list[float]:
+        records = {
+            r.name: {"top1": top1_by_lr[r.lr]}
+            for r in sweep.scaling_runs(wide)
+            if r.method == "sgd_warmup" and r.lr in top1_by_lr
+        }
+        return [r.lr for r in sweep.next_to_best(wide, "alexnet_bn_small", records)]
+
+    assert climb({cell[2]: 0.0994, cell[1]: 0.0975}) == [cell[0]]
+    assert climb({cell[2]: 0.0994, cell[1]: None}) == [cell[0]]
+    assert climb({cell[2]: 0.0994, cell[1]: 0.30}) == [cell[0]]  # best 0.32: go on down
+    assert climb({cell[2]: 0.40, cell[1]: 0.30}) == [cell[3]]
+
+
 def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):
     runs = sweep.scaling_runs(TINY)
     diverging, crashing = runs[1].name, runs[2].name  # SGD + warm-up and LARS at 2048

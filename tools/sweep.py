@@ -54,6 +54,9 @@ MODEL_FLAGS = {
 }
 # train.py's exit status when the loss diverged (any other failure is not a result).
 EXIT_DIVERGED = 3
+# CIFAR-10's chance top-1 is 0.10: a run at most 2 points above it learned nothing, and
+# ranks with the diverged ones when the sweep picks its next rates (its "best" is noise).
+NO_LEARNING_TOP1 = 0.12
 # Train-longer runs (Table 5 of the paper): multiples of the epoch budget.
 LONGER = (1.25, 1.5, 2.0)
 
@@ -248,8 +251,8 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
 
 def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> list[Run]:
     """Untried rates next to the best finished rate of each cell that has one, largest batch
-    first, the baseline last. A cell whose finished runs all diverged counts its smallest
-    tried rate as best (the next one down is what to try)."""
+    first, the baseline last. A cell whose finished runs all diverged or learned nothing counts
+    its smallest tried rate as best (the next one down is what to try)."""
     runs = []
     baseline, *large = cells(protocol, model)
     for method, batch in [*sorted(large, key=lambda c: -c[1]), baseline]:
@@ -273,12 +276,13 @@ def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> li
 
 
 def _best_tried(cell: list[Run], tried: list[int], records: dict[str, dict]) -> int:
-    """Index of the best finished run of a cell; diverged runs rank below any accuracy, and
-    among them the smallest rate highest."""
+    """Index of the best finished run of a cell; diverged runs and runs that learned nothing
+    (top-1 <= NO_LEARNING_TOP1) rank below the others, and among them the smallest rate
+    highest: the next rate to try is below it."""
 
     def score(i: int) -> tuple[float, int]:
         top1 = records[cell[i].name]["top1"]
-        return (-1.0, -i) if top1 is None else (top1, 0)
+        return (-1.0, -i) if top1 is None or top1 <= NO_LEARNING_TOP1 else (top1, 0)
 
     return max(tried, key=score)
 
