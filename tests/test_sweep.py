@@ -174,6 +174,7 @@ def test_runs_at_chance_rank_as_failures_when_climbing():
         }
         return [r.lr for r in sweep.next_to_best(wide, "alexnet_bn_small", records)]
 
+    assert climb({cell[2]: 0.0994}) == [cell[1]]  # a failure: only down, never up
     assert climb({cell[2]: 0.0994, cell[1]: 0.0975}) == [cell[0]]
     assert climb({cell[2]: 0.0994, cell[1]: None}) == [cell[0]]
     assert climb({cell[2]: 0.0994, cell[1]: 0.30}) == [cell[0]]  # best 0.32: go on down

@@ -251,8 +251,9 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
 
 def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> list[Run]:
     """Untried rates next to the best finished rate of each cell that has one, largest batch
-    first, the baseline last. A cell whose finished runs all diverged or learned nothing counts
-    its smallest tried rate as best (the next one down is what to try)."""
+    first, the baseline last. In a cell where every finished run failed (diverged, or learned
+    nothing: top-1 <= NO_LEARNING_TOP1, where the "best" would be noise) the next rate is the
+    one below the smallest tried."""
     runs = []
     baseline, *large = cells(protocol, model)
     for method, batch in [*sorted(large, key=lambda c: -c[1]), baseline]:
@@ -267,24 +268,20 @@ def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> li
                 key=lambda r: r.lr,
             )
             tried = [i for i, r in enumerate(cell) if r.name in records]
-            if not tried:
+            learned = [i for i in tried if not _failed(records[cell[i].name])]
+            if learned:
+                best = max(learned, key=lambda i: records[cell[i].name]["top1"])
+                candidates = (best - 1, best + 1)
+            elif tried:
+                candidates = (min(tried) - 1,)
+            else:
                 continue
-
-            best = _best_tried(cell, tried, records)
-            runs += [cell[i] for i in (best - 1, best + 1) if 0 <= i < len(cell) and i not in tried]
+            runs += [cell[i] for i in candidates if 0 <= i < len(cell) and i not in tried]
     return runs
 
 
-def _best_tried(cell: list[Run], tried: list[int], records: dict[str, dict]) -> int:
-    """Index of the best finished run of a cell; diverged runs and runs that learned nothing
-    (top-1 <= NO_LEARNING_TOP1) rank below the others, and among them the smallest rate
-    highest: the next rate to try is below it."""
-
-    def score(i: int) -> tuple[float, int]:
-        top1 = records[cell[i].name]["top1"]
-        return (-1.0, -i) if top1 is None or top1 <= NO_LEARNING_TOP1 else (top1, 0)
-
-    return max(tried, key=score)
+def _failed(record: dict) -> bool:
+    return record["top1"] is None or record["top1"] <= NO_LEARNING_TOP1
 
 
 def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
