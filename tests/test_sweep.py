@@ -181,6 +181,45 @@ def test_runs_at_chance_rank_as_failures_when_climbing():
     assert climb({cell[2]: 0.40, cell[1]: 0.30}) == [cell[3]]
 
 
+def test_best_rates_are_repeated_with_more_seeds(tmp_path):
+    """Once a large-batch cell's sweep is complete, its best rate runs again with each repeat
+    seed; the report gives the spread and the LARS - SGD difference of the means."""
+    seeded = dataclasses.replace(TINY, name="seeded", repeat_seeds=(2, 3))
+
+    class Seeded(FakeTrain):
+        def __call__(self, run, model_dir):
+            code = super().__call__(run, model_dir)
+            top1 = fake_accuracy(run) + run.seed / 100
+            (model_dir / "results.json").write_text(json.dumps({"step": 1, "top1": top1}))
+            return code
+
+    fake = Seeded()
+    records = sweep.sweep(seeded, tmp_path / "runs", tmp_path / "results", fake)
+    repeats = sorted(
+        (r["method"], r["batch"], r["lr"], r["seed"])
+        for r in records.values()
+        if r["part"] == "repeat"
+    )
+    assert repeats == [
+        (method, batch, lr, seed)
+        for method, batch, lr in [
+            ("lars", 1024, 10.0), ("lars", 2048, 14.1),
+            ("sgd_warmup", 1024, 0.8), ("sgd_warmup", 2048, 1.6),
+        ]
+        for seed in (2, 3)
+    ]  # fmt: skip
+    # Each ran only after its cell was complete.
+    calls = [n.removeprefix("alexnet_bn_small_") for n in fake.calls]
+    assert calls.index("lars_b2048_lr14.1_e2_s2") > max(
+        calls.index(f"lars_b2048_lr{lr}_e2_s1") for lr in ("7.07", "14.1", "28.3")
+    )
+    assert sweep.collect(seeded, tmp_path / "runs" / "seeded").keys() == records.keys()
+    page = (tmp_path / "results" / "cifar10_seeded.md").read_text()
+    # fake_accuracy + seed / 100: SGD 0.5 - 0.02048 + 0.016 + s / 100, LARS 0.6196 + s / 100.
+    assert "| alexnet_bn_small | 2048 | 1.6 | 50.55 / 51.55 / 52.55 | 51.55 ± 1.00 | 14.1 |" in page
+    assert "| 62.96 / 63.96 / 64.96 | 63.96 ± 1.00 | +12.41 |" in page
+
+
 def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):
     runs = sweep.scaling_runs(TINY)
     diverging, crashing = runs[1].name, runs[2].name  # SGD + warm-up and LARS at 2048

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -81,6 +82,8 @@ class Protocol:
             14 at 8K, 23 at 16K).
         warmup_epochs: Warm-up of the large-batch runs (the baseline has none).
         seeds: Seeds per configuration.
+        repeat_seeds: Further seeds for the best rate of each large-batch cell, once its
+            sweep is complete, to measure the seed-to-seed spread of the comparison.
         recalibration_images: Images (rounded up to whole batches) from which the batch-norm
             statistics are re-estimated before the evaluation.
     """
@@ -95,6 +98,7 @@ class Protocol:
     lars_base_lrs: tuple[float, ...]
     warmup_epochs: float
     seeds: tuple[int, ...] = (1,)
+    repeat_seeds: tuple[int, ...] = ()
     recalibration_images: int = 8192
 
 
@@ -115,6 +119,7 @@ PROTOCOLS = {
             sgd_base_lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
             lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
             warmup_epochs=1,
+            repeat_seeds=(2, 3),
         ),
         Protocol(
             name="full",
@@ -133,7 +138,7 @@ PROTOCOLS = {
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One `train.py` process. `part` is "scaling", "longer" or "bn_ablation"; `lr` is the
+    """One `train.py` process. `part` is "scaling", "longer", "repeat" or "bn_ablation"; `lr` is the
     peak rate used; `recalibrate` whether the batch-norm statistics are re-estimated before
     the evaluation (else: the moving averages of training, momentum 0.9)."""
 
@@ -231,8 +236,9 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     """Every run known so far in launch order, one model after the other (a model's results
     are complete before the next one starts): the middle rates of all its cells, its
     train-longer runs (as soon as the largest batch's LARS cell is complete: they are planned
-    from it), the untried neighbours of each cell's best rate so far (`next_to_best`), its
-    other rates, its baseline's last (those runs are the slowest).
+    from it), the untried neighbours of each cell's best rate so far (`next_to_best`), the
+    repeats of complete cells' best rates with other seeds (`repeat_runs`), its other rates,
+    its baseline's last (those runs are the slowest).
 
     The order is recomputed after every run, so the neighbours step climb towards each cell's
     best rate: a sweep stopped early has bracketed the best of as many cells as it could,
@@ -240,10 +246,12 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     """
     order = []
     longer = longer_runs(protocol, records)
+    repeats = repeat_runs(protocol, records)
     for model in protocol.models:
         first, rest, baseline_rest = _scaling_groups(protocol, model)
         climb = next_to_best(protocol, model, records)
-        order += first + [r for r in longer if r.model == model] + climb + rest + baseline_rest
+        order += first + [r for r in longer if r.model == model] + climb
+        order += [r for r in repeats if r.model == model] + rest + baseline_rest
     unique = {}
     for run in order:
         unique.setdefault(run.name, run)
@@ -259,15 +267,7 @@ def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> li
     baseline, *large = cells(protocol, model)
     for method, batch in [*sorted(large, key=lambda c: -c[1]), baseline]:
         for seed in protocol.seeds:
-            cell = sorted(
-                (
-                    r
-                    for r in scaling_runs(protocol)
-                    if r.part == "scaling"
-                    and (r.model, r.method, r.batch, r.seed) == (model, method, batch, seed)
-                ),
-                key=lambda r: r.lr,
-            )
+            cell = cell_runs(protocol, model, method, batch, seed)
             tried = [i for i, r in enumerate(cell) if r.name in records]
             learned = [i for i in tried if not _failed(records[cell[i].name])]
             if learned:
@@ -283,6 +283,39 @@ def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> li
 
 def _failed(record: dict) -> bool:
     return record["top1"] is None or record["top1"] <= NO_LEARNING_TOP1
+
+
+def cell_runs(protocol: Protocol, model: str, method: str, batch: int, seed: int) -> list[Run]:
+    """The batch-scaling runs of one cell and seed, by rate."""
+    return sorted(
+        (
+            r
+            for r in scaling_runs(protocol)
+            if r.part == "scaling"
+            and (r.model, r.method, r.batch, r.seed) == (model, method, batch, seed)
+        ),
+        key=lambda r: r.lr,
+    )
+
+
+def repeat_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
+    """The best rate of each large-batch cell again with `repeat_seeds`, once the cell's sweep
+    (first seed) is complete, largest batch first. Cells where every run failed get none."""
+    runs = []
+    for model in protocol.models:
+        _, *large = cells(protocol, model)
+        for method, batch in sorted(large, key=lambda c: -c[1]):
+            cell = cell_runs(protocol, model, method, batch, protocol.seeds[0])
+            if any(r.name not in records for r in cell):
+                continue
+            learned = [r for r in cell if not _failed(records[r.name])]
+            if not learned:
+                continue
+            best = max(learned, key=lambda r: records[r.name]["top1"])
+            runs += [
+                dataclasses.replace(best, part="repeat", seed=s) for s in protocol.repeat_seeds
+            ]
+    return runs
 
 
 def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
@@ -414,7 +447,7 @@ def collect(protocol: Protocol, base: Path) -> dict[str, dict]:
         record = read_record(run, base / run.name)
         if record is not None:
             records[run.name] = record
-    for run in longer_runs(protocol, records):
+    for run in longer_runs(protocol, records) + repeat_runs(protocol, records):
         record = read_record(run, base / run.name)
         if record is not None:
             records[run.name] = record
@@ -548,6 +581,8 @@ def write_report(
             lines.append(
                 f"- {model}, {METHOD_TITLES[method]}, batch {batch}: " + "; ".join(entries)
             )
+    if protocol.repeat_seeds:
+        lines += _seed_section(protocol, records, best_rows)
     lines += ["", "## Train longer (LARS, largest batch, best LR of the fixed budget)", ""]
     batch = max(protocol.batches)
     longer_rows = []
@@ -610,6 +645,57 @@ def write_report(
     page = results_dir / f"{stem}.md"
     page.write_text("\n".join(lines))
     return page
+
+
+def _seed_section(protocol: Protocol, records: dict[str, dict], best_rows: list[dict]) -> list[str]:
+    """The repeats table: per model and large batch, each method's best rate over all seeds."""
+    seeds = (protocol.seeds[0], *protocol.repeat_seeds)
+    lines = [
+        "",
+        "## Seeds: each large-batch cell's best rate repeated",
+        "",
+        f"The best rate of each cell (seed {seeds[0]}, the sweep above) run again with seeds "
+        f"{', '.join(str(s) for s in protocol.repeat_seeds)}. Top-1 per seed, mean and sample "
+        "standard deviation; the last column is LARS's mean minus SGD's.",
+        "",
+    ]
+    rows = []
+    for model in protocol.models:
+        for batch in protocol.batches:
+            row, means = [model, batch], {}
+            for method in ("sgd_warmup", "lars"):
+                cell = next(
+                    b
+                    for b in best_rows
+                    if (b["model"], b["method"], b["batch"]) == (model, method, batch)
+                )
+                if cell["best"] is None:
+                    row += ["-", "not run", "-"]
+                    continue
+                best = cell["best"]
+                values = []
+                for seed in seeds:
+                    run = Run(
+                        "scaling" if seed == seeds[0] else "repeat", model, method, batch,
+                        best["lr"], protocol.epochs, protocol.warmup_epochs, seed,
+                    )  # fmt: skip
+                    values.append(records[run.name]["top1"] if run.name in records else "not run")
+                done = [v for v in values if v != "not run"]
+                row += [f"{best['lr']:g}", " / ".join(
+                    v if v == "not run" else _percent(v) for v in values
+                )]  # fmt: skip
+                if len(done) > 1 and None not in done:
+                    mean = 100 * statistics.mean(done)
+                    row.append(f"{mean:.2f} ± {100 * statistics.stdev(done):.2f}")
+                    means[method] = mean
+                else:
+                    row.append("-")
+            row.append(f"{means['lars'] - means['sgd_warmup']:+.2f}" if len(means) == 2 else "-")
+            rows.append(row)
+    headers = ["model", "batch"]
+    for title in ("SGD + warm-up", "LARS"):
+        headers += [f"{title}: LR", f"{title}: top-1 per seed", f"{title}: mean ± sd"]
+    return lines + _table([*headers, "LARS - SGD"], rows)
 
 
 def plot(
