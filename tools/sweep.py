@@ -325,12 +325,7 @@ def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     batch = max(protocol.batches)
     for model in protocol.models:
         for seed in protocol.seeds:
-            cell = [
-                records.get(r.name)
-                for r in scaling_runs(protocol)
-                if r.part == "scaling"
-                and (r.model, r.method, r.batch, r.seed) == (model, "lars", batch, seed)
-            ]
+            cell = [records.get(r.name) for r in cell_runs(protocol, model, "lars", batch, seed)]
             if not cell or any(c is None for c in cell):
                 continue
             best = max(cell, key=lambda c: c.get("top1") or -1.0)
