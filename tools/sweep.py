@@ -476,8 +476,8 @@ def best_per_cell(protocol: Protocol, records: dict[str, dict]) -> list[dict]:
         for method, batch in cells(protocol, model):
             planned = [
                 r
-                for r in scaling_runs(protocol)
-                if r.part == "scaling" and (r.model, r.method, r.batch) == (model, method, batch)
+                for seed in protocol.seeds
+                for r in cell_runs(protocol, model, method, batch, seed)
             ]
             done = [records[r.name] for r in planned if r.name in records]
             scored = [d for d in done if d["top1"] is not None]
@@ -562,16 +562,11 @@ def write_report(
     lines += ["", "## Learning-rate sweep (top-1 per rate)", ""]
     for model in protocol.models:
         for method, batch in cells(protocol, model):
-            lrs = cell_lrs(protocol, method, batch)
             entries = []
-            for lr in lrs:
-                run = Run(
-                    "scaling", model, method, batch, lr, protocol.epochs,
-                    0.0 if method == "sgd" else protocol.warmup_epochs, protocol.seeds[0],
-                )  # fmt: skip
+            for run in cell_runs(protocol, model, method, batch, protocol.seeds[0]):
                 record = records.get(run.name)
                 entries.append(
-                    f"LR {lr:g}: " + ("not run" if record is None else _percent(record["top1"]))
+                    f"LR {run.lr:g}: " + ("not run" if record is None else _percent(record["top1"]))
                 )
             lines.append(
                 f"- {model}, {METHOD_TITLES[method]}, batch {batch}: " + "; ".join(entries)
