@@ -182,8 +182,8 @@ def test_runs_at_chance_rank_as_failures_when_climbing():
 
 
 def test_best_rates_are_repeated_with_more_seeds(tmp_path):
-    """Once a large-batch cell's sweep is complete, its best rate runs again with each repeat
-    seed; the report gives the spread and the LARS - SGD difference of the means."""
+    """Once a large-batch cell's best rate is bracketed, it runs again with each repeat seed;
+    the report gives the spread and the LARS - SGD difference of the means."""
     seeded = dataclasses.replace(TINY, name="seeded", repeat_seeds=(2, 3))
 
     class Seeded(FakeTrain):
@@ -208,7 +208,7 @@ def test_best_rates_are_repeated_with_more_seeds(tmp_path):
         ]
         for seed in (2, 3)
     ]  # fmt: skip
-    # Each ran only after its cell was complete.
+    # Each ran only after its cell's best was bracketed.
     calls = [n.removeprefix("alexnet_bn_small_") for n in fake.calls]
     assert calls.index("lars_b2048_lr14.1_e2_s2") > max(
         calls.index(f"lars_b2048_lr{lr}_e2_s1") for lr in ("7.07", "14.1", "28.3")
@@ -318,3 +318,55 @@ def test_layer_table_from_trust_ratio_events(tmp_path):
         assert len(list(csv.reader(f))) == 1 + 3 * 3 * 3
     with pytest.raises(ValueError, match="update 7 was not logged"):
         layer_table.table(layer_table.read_layer_log(run), step=7)
+
+
+def test_repeats_run_once_the_best_is_bracketed_before_the_rest_of_the_grid(tmp_path):
+    """The repeats carry the LARS - SGD comparison: they run as soon as a cell's best has both
+    neighbours, before the far ends of the grid and before the baseline's climb."""
+    wide = dataclasses.replace(
+        TINY,
+        name="wide",
+        batches=(2048,),
+        baseline_lrs=(0.02, 0.05, 0.1),
+        sgd_base_lrs=(0.01, 0.02, 0.05, 0.1, 0.2),
+        lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
+        repeat_seeds=(2,),
+    )
+
+    def peaked(run: sweep.Run) -> float:  # every cell's best is its middle rate
+        middle = {"sgd": 0.05, "sgd_warmup": 0.8, "lars": 14.1}[run.method]
+        return 0.5 - abs(run.lr - middle) / 1000 + run.seed / 1000
+
+    class Peaked(FakeTrain):
+        def __call__(self, run, model_dir):
+            code = super().__call__(run, model_dir)
+            (model_dir / "results.json").write_text(json.dumps({"step": 1, "top1": peaked(run)}))
+            return code
+
+    fake = Peaked()
+    sweep.sweep(wide, tmp_path / "runs", tmp_path / "results", fake)
+    assert [n.removeprefix("alexnet_bn_small_") for n in fake.calls] == [
+        "sgd_b128_lr0.05_e2_s1",
+        "sgd_warmup_b2048_lr0.8_e2_s1",
+        "lars_b2048_lr14.1_e2_s1",
+        "lars_b2048_lr14.1_e2_s1_movingstats",
+        # The large-batch climb: the middle rates stay best, so one step each way.
+        "sgd_warmup_b2048_lr0.32_e2_s1",
+        "sgd_warmup_b2048_lr1.6_e2_s1",
+        "lars_b2048_lr7.07_e2_s1",
+        "lars_b2048_lr28.3_e2_s1",
+        # Bracketed: the repeats, largest batch first, SGD before LARS as in the cell list.
+        "sgd_warmup_b2048_lr0.8_e2_s2",
+        "lars_b2048_lr14.1_e2_s2",
+        # Then the baseline's climb, the rest of the grid, the baseline's rest.
+        "sgd_b128_lr0.02_e2_s1",
+        "sgd_b128_lr0.1_e2_s1",
+        "sgd_warmup_b2048_lr0.16_e2_s1",
+        "sgd_warmup_b2048_lr3.2_e2_s1",
+        "lars_b2048_lr3.54_e2_s1",
+        "lars_b2048_lr56.6_e2_s1",
+        # Train longer (the largest batch's LARS cell is complete now).
+        "lars_b2048_lr14.1_e2.5_s1",
+        "lars_b2048_lr14.1_e3_s1",
+        "lars_b2048_lr14.1_e4_s1",
+    ]

@@ -15,7 +15,8 @@ interrupted run resumes from its checkpoint when the sweep is started again.
 Order, so that partial results are useful early: the middle learning rate of every cell
 (method x batch) first; the "train longer" runs as soon as the largest batch's LARS cell is
 complete (they need its best rate); then the untried neighbours of each cell's best rate so
-far, recomputed after every run; then the rest of the grid. After every run the report is
+far, recomputed after every run; then, once a cell's best is bracketed, that rate again with
+the `repeat_seeds`; then the rest of the grid. After every run the report is
 rewritten in `--results_dir`: `cifar10_<protocol>.md` (the LR sweep, the best accuracy per
 cell with its rate, the train-longer table, what is still missing), `cifar10_<protocol>_*.png`
 (top-1 against batch, learning rate and epochs), a summary `cifar10_<protocol>_runs.csv`, and
@@ -82,8 +83,8 @@ class Protocol:
             14 at 8K, 23 at 16K).
         warmup_epochs: Warm-up of the large-batch runs (the baseline has none).
         seeds: Seeds per configuration.
-        repeat_seeds: Further seeds for the best rate of each large-batch cell, once its
-            sweep is complete, to measure the seed-to-seed spread of the comparison.
+        repeat_seeds: Further seeds for the best rate of each large-batch cell, once that
+            best is bracketed, to measure the seed-to-seed spread of the comparison.
         recalibration_images: Images (rounded up to whole batches) from which the batch-norm
             statistics are re-estimated before the evaluation.
     """
@@ -236,9 +237,10 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     """Every run known so far in launch order, one model after the other (a model's results
     are complete before the next one starts): the middle rates of all its cells, its
     train-longer runs (as soon as the largest batch's LARS cell is complete: they are planned
-    from it), the untried neighbours of each cell's best rate so far (`next_to_best`), the
-    repeats of complete cells' best rates with other seeds (`repeat_runs`), its other rates,
-    its baseline's last (those runs are the slowest).
+    from it), the untried neighbours of each large-batch cell's best rate so far
+    (`next_to_best`), the repeats of bracketed best rates with other seeds (`repeat_runs`:
+    the LARS - SGD comparison rests on them), the baseline's neighbours, the other rates, the
+    baseline's last (those runs are the slowest).
 
     The order is recomputed after every run, so the neighbours step climb towards each cell's
     best rate: a sweep stopped early has bracketed the best of as many cells as it could,
@@ -249,9 +251,13 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     repeats = repeat_runs(protocol, records)
     for model in protocol.models:
         first, rest, baseline_rest = _scaling_groups(protocol, model)
-        climb = next_to_best(protocol, model, records)
-        order += first + [r for r in longer if r.model == model] + climb
-        order += [r for r in repeats if r.model == model] + rest + baseline_rest
+        large_climb, baseline_climb = [], []
+        for run in next_to_best(protocol, model, records):
+            is_baseline = run.batch == protocol.baseline_batch
+            (baseline_climb if is_baseline else large_climb).append(run)
+        order += first + [r for r in longer if r.model == model] + large_climb
+        order += [r for r in repeats if r.model == model] + baseline_climb
+        order += rest + baseline_rest
     unique = {}
     for run in order:
         unique.setdefault(run.name, run)
@@ -259,26 +265,33 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
 
 
 def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> list[Run]:
-    """Untried rates next to the best finished rate of each cell that has one, largest batch
-    first, the baseline last. In a cell where every finished run failed (diverged, or learned
-    nothing: top-1 <= NO_LEARNING_TOP1, where the "best" would be noise) the next rate is the
-    one below the smallest tried."""
+    """Untried rates next to the best finished rate of each cell that has one (`climb`),
+    largest batch first, the baseline last."""
     runs = []
     baseline, *large = cells(protocol, model)
     for method, batch in [*sorted(large, key=lambda c: -c[1]), baseline]:
         for seed in protocol.seeds:
-            cell = cell_runs(protocol, model, method, batch, seed)
-            tried = [i for i, r in enumerate(cell) if r.name in records]
-            learned = [i for i in tried if not _failed(records[cell[i].name])]
-            if learned:
-                best = max(learned, key=lambda i: records[cell[i].name]["top1"])
-                candidates = (best - 1, best + 1)
-            elif tried:
-                candidates = (min(tried) - 1,)
-            else:
-                continue
-            runs += [cell[i] for i in candidates if 0 <= i < len(cell) and i not in tried]
+            runs += climb(cell_runs(protocol, model, method, batch, seed), records)[1]
     return runs
+
+
+def climb(cell: list[Run], records: dict[str, dict]) -> tuple[Run | None, list[Run]]:
+    """One cell's best finished run (None while none learned) and the untried rates to run
+    next: both neighbours of the best. In a cell where every finished run failed (diverged,
+    or learned nothing: top-1 <= NO_LEARNING_TOP1, where the "best" would be noise) the next
+    rate is the one below the smallest tried. `cell` is sorted by rate. The best is
+    bracketed when nothing is left to run next."""
+    tried = [i for i, r in enumerate(cell) if r.name in records]
+    learned = [i for i in tried if not _failed(records[cell[i].name])]
+    if learned:
+        best = max(learned, key=lambda i: records[cell[i].name]["top1"])
+        candidates = (best - 1, best + 1)
+    elif tried:
+        best, candidates = None, (min(tried) - 1,)
+    else:
+        best, candidates = None, ()
+    untried = [cell[i] for i in candidates if 0 <= i < len(cell) and i not in tried]
+    return (cell[best] if best is not None else None), untried
 
 
 def _failed(record: dict) -> bool:
@@ -299,19 +312,20 @@ def cell_runs(protocol: Protocol, model: str, method: str, batch: int, seed: int
 
 
 def repeat_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
-    """The best rate of each large-batch cell again with `repeat_seeds`, once the cell's sweep
-    (first seed) is complete, largest batch first. Cells where every run failed get none."""
+    """The best rate of each large-batch cell again with `repeat_seeds`, once that best is
+    bracketed (`climb` has nothing left to try in the cell: both neighbouring rates ran, or
+    it sits at the grid's edge), largest batch first. The rest of the grid, further from the
+    best, runs after the repeats; should one of those runs beat the best, its rate is
+    repeated too. Cells where every run failed get none."""
     runs = []
     for model in protocol.models:
         _, *large = cells(protocol, model)
         for method, batch in sorted(large, key=lambda c: -c[1]):
-            cell = cell_runs(protocol, model, method, batch, protocol.seeds[0])
-            if any(r.name not in records for r in cell):
+            best, untried = climb(
+                cell_runs(protocol, model, method, batch, protocol.seeds[0]), records
+            )
+            if best is None or untried:
                 continue
-            learned = [r for r in cell if not _failed(records[r.name])]
-            if not learned:
-                continue
-            best = max(learned, key=lambda r: records[r.name]["top1"])
             runs += [
                 dataclasses.replace(best, part="repeat", seed=s) for s in protocol.repeat_seeds
             ]
