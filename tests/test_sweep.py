@@ -151,12 +151,13 @@ def test_order_climbs_towards_each_cells_best_rate(tmp_path):
         "lars_b2048_lr7.07_e2_s1",
         "lars_b2048_lr28.3_e2_s1",
         "lars_b2048_lr56.6_e2_s1",
-        "sgd_b128_lr0.05_e2_s1",
-        # The rest of the grid, then train longer with the best LARS rate.
-        "lars_b2048_lr3.54_e2_s1",
+        # LARS's best is bracketed (at the grid's top): train longer at that rate.
         "lars_b2048_lr56.6_e2.5_s1",
         "lars_b2048_lr56.6_e3_s1",
         "lars_b2048_lr56.6_e4_s1",
+        # The baseline's neighbour, the rest of the grid.
+        "sgd_b128_lr0.05_e2_s1",
+        "lars_b2048_lr3.54_e2_s1",
     ]
 
 
@@ -322,7 +323,7 @@ def test_layer_table_from_trust_ratio_events(tmp_path):
 
 def test_repeats_run_once_the_best_is_bracketed_before_the_rest_of_the_grid(tmp_path):
     """The repeats carry the LARS - SGD comparison: they run as soon as a cell's best has both
-    neighbours, before the far ends of the grid and before the baseline's climb."""
+    neighbours, before train longer, the baseline's climb and the far ends of the grid."""
     wide = dataclasses.replace(
         TINY,
         name="wide",
@@ -358,15 +359,15 @@ def test_repeats_run_once_the_best_is_bracketed_before_the_rest_of_the_grid(tmp_
         # Bracketed: the repeats, largest batch first, SGD before LARS as in the cell list.
         "sgd_warmup_b2048_lr0.8_e2_s2",
         "lars_b2048_lr14.1_e2_s2",
-        # Then the baseline's climb, the rest of the grid, the baseline's rest.
+        # Train longer (the largest batch's LARS best is bracketed).
+        "lars_b2048_lr14.1_e2.5_s1",
+        "lars_b2048_lr14.1_e3_s1",
+        "lars_b2048_lr14.1_e4_s1",
+        # Then the baseline's climb, the rest of the grid.
         "sgd_b128_lr0.02_e2_s1",
         "sgd_b128_lr0.1_e2_s1",
         "sgd_warmup_b2048_lr0.16_e2_s1",
         "sgd_warmup_b2048_lr3.2_e2_s1",
         "lars_b2048_lr3.54_e2_s1",
         "lars_b2048_lr56.6_e2_s1",
-        # Train longer (the largest batch's LARS cell is complete now).
-        "lars_b2048_lr14.1_e2.5_s1",
-        "lars_b2048_lr14.1_e3_s1",
-        "lars_b2048_lr14.1_e4_s1",
     ]

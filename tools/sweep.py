@@ -13,10 +13,10 @@ exited 3 (the loss diverged: recorded, not retried); finished runs are never red
 interrupted run resumes from its checkpoint when the sweep is started again.
 
 Order, so that partial results are useful early: the middle learning rate of every cell
-(method x batch) first; the "train longer" runs as soon as the largest batch's LARS cell is
-complete (they need its best rate); then the untried neighbours of each cell's best rate so
-far, recomputed after every run; then, once a cell's best is bracketed, that rate again with
-the `repeat_seeds`; then the rest of the grid. After every run the report is
+(method x batch) first; then the untried neighbours of each cell's best rate so far,
+recomputed after every run; once a cell's best is bracketed, that rate again with the
+`repeat_seeds`; the "train longer" runs once the largest batch's LARS best is bracketed
+(they need that rate); then the rest of the grid. After every run the report is
 rewritten in `--results_dir`: `cifar10_<protocol>.md` (the LR sweep, the best accuracy per
 cell with its rate, the train-longer table, what is still missing), `cifar10_<protocol>_*.png`
 (top-1 against batch, learning rate and epochs), a summary `cifar10_<protocol>_runs.csv`, and
@@ -235,12 +235,12 @@ def _scaling_groups(protocol: Protocol, model: str) -> tuple[list[Run], list[Run
 
 def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     """Every run known so far in launch order, one model after the other (a model's results
-    are complete before the next one starts): the middle rates of all its cells, its
-    train-longer runs (as soon as the largest batch's LARS cell is complete: they are planned
-    from it), the untried neighbours of each large-batch cell's best rate so far
-    (`next_to_best`), the repeats of bracketed best rates with other seeds (`repeat_runs`:
-    the LARS - SGD comparison rests on them), the baseline's neighbours, the other rates, the
-    baseline's last (those runs are the slowest).
+    are complete before the next one starts): the middle rates of all its cells, the untried
+    neighbours of each large-batch cell's best rate so far (`next_to_best`), the repeats of
+    bracketed best rates with other seeds (`repeat_runs`: the LARS - SGD comparison rests on
+    them), the train-longer runs (as soon as the largest batch's LARS best is bracketed: they
+    are planned from it), the baseline's neighbours, the other rates (far from every best,
+    they only fill in the sweep), the baseline's last (those runs are the slowest).
 
     The order is recomputed after every run, so the neighbours step climb towards each cell's
     best rate: a sweep stopped early has bracketed the best of as many cells as it could,
@@ -255,9 +255,8 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
         for run in next_to_best(protocol, model, records):
             is_baseline = run.batch == protocol.baseline_batch
             (baseline_climb if is_baseline else large_climb).append(run)
-        order += first + [r for r in longer if r.model == model] + large_climb
-        order += [r for r in repeats if r.model == model] + baseline_climb
-        order += rest + baseline_rest
+        order += first + large_climb + [r for r in repeats if r.model == model]
+        order += [r for r in longer if r.model == model] + baseline_climb + rest + baseline_rest
     unique = {}
     for run in order:
         unique.setdefault(run.name, run)
@@ -333,20 +332,19 @@ def repeat_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
 
 
 def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
-    """Train-longer runs (LARS, largest batch, best rate of the 1x cell), once that cell's
-    sweep is complete; none before."""
+    """Train-longer runs (LARS, largest batch, best rate of the 1x cell), once that cell's best
+    is bracketed (see `repeat_runs`); none before."""
     runs = []
     batch = max(protocol.batches)
     for model in protocol.models:
         for seed in protocol.seeds:
-            cell = [records.get(r.name) for r in cell_runs(protocol, model, "lars", batch, seed)]
-            if not cell or any(c is None for c in cell):
+            best, untried = climb(cell_runs(protocol, model, "lars", batch, seed), records)
+            if best is None or untried:
                 continue
-            best = max(cell, key=lambda c: c.get("top1") or -1.0)
             for factor in LONGER:
                 epochs = protocol.epochs * factor
                 warmup = protocol.warmup_epochs
-                runs.append(Run("longer", model, "lars", batch, best["lr"], epochs, warmup, seed))
+                runs.append(Run("longer", model, "lars", batch, best.lr, epochs, warmup, seed))
     return runs
 
 
