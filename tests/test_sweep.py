@@ -43,18 +43,24 @@ def fake_accuracy(run: sweep.Run) -> float:
 
 
 class FakeTrain:
-    """Writes `results.json` and `training_log.csv` as train.py does; exits as told."""
+    """Writes `results.json` and `training_log.csv` as train.py does, with top-1 from
+    `accuracy`; exits as told."""
 
-    def __init__(self, exit_codes: dict[str, int] | None = None):
+    def __init__(self, exit_codes: dict[str, int] | None = None, accuracy=fake_accuracy):
         self.calls: list[str] = []
         self.exit_codes = exit_codes or {}
+        self.accuracy = accuracy
+
+    def short_calls(self) -> list[str]:
+        """The runs in the order they were started, without the model's name."""
+        return [name.removeprefix("alexnet_bn_small_") for name in self.calls]
 
     def __call__(self, run: sweep.Run, model_dir: Path) -> int:
         self.calls.append(run.name)
         model_dir.mkdir(parents=True, exist_ok=True)
         code = self.exit_codes.get(run.name, 0)
         if code == 0:
-            top1 = fake_accuracy(run)
+            top1 = self.accuracy(run)
             (model_dir / "results.json").write_text(
                 json.dumps({"step": 10, "top1": top1, "top5": 0.9, "loss": 1.0})
             )
@@ -131,15 +137,9 @@ def test_order_climbs_towards_each_cells_best_rate(tmp_path):
     def rising(run: sweep.Run) -> float:  # every cell's best is its largest rate
         return run.lr / 100
 
-    class Rising(FakeTrain):
-        def __call__(self, run, model_dir):
-            code = super().__call__(run, model_dir)
-            (model_dir / "results.json").write_text(json.dumps({"step": 1, "top1": rising(run)}))
-            return code
-
-    fake = Rising({"alexnet_bn_small_sgd_warmup_b2048_lr1.6_e2_s1": 3})
+    fake = FakeTrain({"alexnet_bn_small_sgd_warmup_b2048_lr1.6_e2_s1": 3}, accuracy=rising)
     sweep.sweep(wide, tmp_path / "runs", tmp_path / "results", fake)
-    assert [n.removeprefix("alexnet_bn_small_") for n in fake.calls] == [
+    assert fake.short_calls() == [
         # The middle rate of every cell (the SGD + warm-up one diverges), the ablation.
         "sgd_b128_lr0.1_e2_s1",
         "sgd_warmup_b2048_lr1.6_e2_s1",
@@ -187,14 +187,7 @@ def test_best_rates_are_repeated_with_more_seeds(tmp_path):
     the report gives the spread and the LARS - SGD difference of the means."""
     seeded = dataclasses.replace(TINY, name="seeded", repeat_seeds=(2, 3))
 
-    class Seeded(FakeTrain):
-        def __call__(self, run, model_dir):
-            code = super().__call__(run, model_dir)
-            top1 = fake_accuracy(run) + run.seed / 100
-            (model_dir / "results.json").write_text(json.dumps({"step": 1, "top1": top1}))
-            return code
-
-    fake = Seeded()
+    fake = FakeTrain(accuracy=lambda run: fake_accuracy(run) + run.seed / 100)
     records = sweep.sweep(seeded, tmp_path / "runs", tmp_path / "results", fake)
     repeats = sorted(
         (r["method"], r["batch"], r["lr"], r["seed"])
@@ -210,7 +203,7 @@ def test_best_rates_are_repeated_with_more_seeds(tmp_path):
         for seed in (2, 3)
     ]  # fmt: skip
     # Each ran only after its cell's best was bracketed.
-    calls = [n.removeprefix("alexnet_bn_small_") for n in fake.calls]
+    calls = fake.short_calls()
     assert calls.index("lars_b2048_lr14.1_e2_s2") > max(
         calls.index(f"lars_b2048_lr{lr}_e2_s1") for lr in ("7.07", "14.1", "28.3")
     )
@@ -338,15 +331,9 @@ def test_repeats_run_once_the_best_is_bracketed_before_the_rest_of_the_grid(tmp_
         middle = {"sgd": 0.05, "sgd_warmup": 0.8, "lars": 14.1}[run.method]
         return 0.5 - abs(run.lr - middle) / 1000 + run.seed / 1000
 
-    class Peaked(FakeTrain):
-        def __call__(self, run, model_dir):
-            code = super().__call__(run, model_dir)
-            (model_dir / "results.json").write_text(json.dumps({"step": 1, "top1": peaked(run)}))
-            return code
-
-    fake = Peaked()
+    fake = FakeTrain(accuracy=peaked)
     sweep.sweep(wide, tmp_path / "runs", tmp_path / "results", fake)
-    assert [n.removeprefix("alexnet_bn_small_") for n in fake.calls] == [
+    assert fake.short_calls() == [
         "sgd_b128_lr0.05_e2_s1",
         "sgd_warmup_b2048_lr0.8_e2_s1",
         "lars_b2048_lr14.1_e2_s1",
