@@ -211,7 +211,7 @@ def test_best_rates_are_repeated_with_more_seeds(tmp_path):
     page = (tmp_path / "results" / "cifar10_seeded.md").read_text()
     # fake_accuracy + seed / 100: SGD 0.5 - 0.02048 + 0.016 + s / 100, LARS 0.6196 + s / 100.
     assert "| alexnet_bn_small | 2048 | 1.6 | 50.55 / 51.55 / 52.55 | 51.55 ± 1.00 | 14.1 |" in page
-    assert "| 62.96 / 63.96 / 64.96 | 63.96 ± 1.00 | +12.41 |" in page
+    assert "| 62.96 / 63.96 / 64.96 | 63.96 ± 1.00 | +12.41 ± 0.82 |" in page
 
 
 def test_diverged_runs_are_results_and_crashes_stop_the_sweep(tmp_path):

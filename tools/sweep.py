@@ -658,7 +658,9 @@ def _seed_section(protocol: Protocol, records: dict[str, dict], best_rows: list[
         "",
         f"The best rate of each cell (seed {seeds[0]}, the sweep above) run again with seeds "
         f"{', '.join(str(s) for s in protocol.repeat_seeds)}. Top-1 per seed, mean and sample "
-        "standard deviation; the last column is LARS's mean minus SGD's.",
+        "standard deviation; the last column is LARS's mean minus SGD's, with the standard "
+        "error of that difference, sqrt(sd_LARS² / n + sd_SGD² / n): a difference of less "
+        "than about two standard errors cannot be told from seed-to-seed noise.",
         "",
     ]
     rows = []
@@ -687,17 +689,22 @@ def _seed_section(protocol: Protocol, records: dict[str, dict], best_rows: list[
                     v if v == "not run" else _percent(v) for v in values
                 )]  # fmt: skip
                 if len(done) > 1 and None not in done:
-                    mean = 100 * statistics.mean(done)
-                    row.append(f"{mean:.2f} ± {100 * statistics.stdev(done):.2f}")
-                    means[method] = mean
+                    mean, sd = 100 * statistics.mean(done), 100 * statistics.stdev(done)
+                    row.append(f"{mean:.2f} ± {sd:.2f}")
+                    means[method] = (mean, sd**2 / len(done))
                 else:
                     row.append("-")
-            row.append(f"{means['lars'] - means['sgd_warmup']:+.2f}" if len(means) == 2 else "-")
+            if len(means) == 2:
+                (lars, lars_var), (sgd, sgd_var) = means["lars"], means["sgd_warmup"]
+                # The standard error of a difference of two independent means.
+                row.append(f"{lars - sgd:+.2f} ± {math.sqrt(lars_var + sgd_var):.2f}")
+            else:
+                row.append("-")
             rows.append(row)
     headers = ["model", "batch"]
     for title in ("SGD + warm-up", "LARS"):
         headers += [f"{title}: LR", f"{title}: top-1 per seed", f"{title}: mean ± sd"]
-    return lines + _table([*headers, "LARS - SGD"], rows)
+    return lines + _table([*headers, "LARS - SGD ± standard error"], rows)
 
 
 def plot(
