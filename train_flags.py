@@ -56,6 +56,15 @@ def define_model_flags(fv: flags.FlagValues = FLAGS) -> None:
         "faster on CPUs).",
         flag_values=fv,
     )
+    flags.DEFINE_enum(
+        "normalization",
+        None,
+        ["lrn", "batch_norm", "batch_norm_all", "none"],
+        "AlexNet family only: lrn (alexnet's), batch_norm (AlexNet-BN's: before conv2..5), "
+        "batch_norm_all (also before fc6..8, every layer but fc8 scale-invariant; not in "
+        "the paper) or none (default: the model's).",
+        flag_values=fv,
+    )
     flags.DEFINE_float(
         "dropout", None, "Dropout rate of the models that have it (default: 0.5).", flag_values=fv
     )
@@ -498,13 +507,13 @@ def register_validators(fv: flags.FlagValues = FLAGS) -> None:
         "--mean and --std need 1 or --channels values each",
     )
     multi(
-        ["width_multiplier", "groups", "model"],
+        ["width_multiplier", "groups", "normalization", "model"],
         lambda f: (
-            (f["width_multiplier"] is None and f["groups"] is None)
+            all(f[k] is None for k in ("width_multiplier", "groups", "normalization"))
             or f["model"].startswith("alexnet")
         ),
-        "--width_multiplier and --groups apply to the AlexNet models only (alexnet, "
-        "alexnet_bn, alexnet_bn_small)",
+        "--width_multiplier, --groups and --normalization apply to the AlexNet models only "
+        "(alexnet, alexnet_bn, alexnet_bn_small)",
     )
     multi(
         ["zero_init_residual", "model"],
@@ -596,7 +605,7 @@ def floats(values: list[str]) -> tuple[float, ...] | None:
 def model_options(flag_values: flags.FlagValues = FLAGS) -> dict:
     """Keyword options of `lars_tf.models.build` given on the command line."""
     options = {}
-    for name in ("width_multiplier", "groups", "dropout", "bn_momentum"):
+    for name in ("width_multiplier", "groups", "normalization", "dropout", "bn_momentum"):
         if flag_values[name].value is not None:
             options[name] = flag_values[name].value
     if flag_values.zero_init_residual:

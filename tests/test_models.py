@@ -324,6 +324,60 @@ def test_zero_init_residual_zeroes_the_last_scale_of_each_branch():
     )
 
 
+# Which layers' weights the loss is blind to the scale of: those whose output reaches a batch
+# norm through nothing but ReLU and max pooling (both commute with a positive scale).
+SCALE_INVARIANT_CASES = {
+    "alexnet_bn": ({}, {"conv1", "conv2", "conv3", "conv4"}),
+    "alexnet_bn_all": (
+        {"normalization": "batch_norm_all"},
+        {"conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*SCALE_INVARIANT_CASES, "resnet20_cifar"])
+def test_batch_norm_makes_exactly_the_expected_layers_scale_invariant(case):
+    # The premise of docs/results' reading of ResNet-20 versus the AlexNet twin, checked on
+    # the models themselves: scale one layer's kernel and bias by 3 and see whether the
+    # training-mode logits move.
+    if case == "resnet20_cifar":
+        model = models.build(case, num_classes=10, bn_epsilon=1e-12)
+        invariant = {layer.name for layer in _layers_of(model, keras.layers.Conv2D)}
+    else:
+        options, invariant = SCALE_INVARIANT_CASES[case]
+        model = models.build(
+            "alexnet_bn_small", num_classes=10, dropout=0, bn_epsilon=1e-12, **options
+        )
+    keras.utils.set_random_seed(3)
+    images = _images(model, batch=16)
+    reference = model(images, training=True).numpy()
+    kernels = [layer for layer in model.layers if hasattr(layer, "kernel")]
+    found = set()
+    for layer in kernels:
+        saved = [v.numpy() for v in layer.trainable_variables]
+        for variable in layer.trainable_variables:
+            variable.assign(3.0 * variable)
+        change = np.abs(model(images, training=True).numpy() - reference).max()
+        for variable, value in zip(layer.trainable_variables, saved, strict=True):
+            variable.assign(value)
+        relative = change / np.abs(reference).max()
+        assert relative < 1e-3 or relative > 1e-2, (layer.name, relative)
+        if relative < 1e-3:
+            found.add(layer.name)
+    assert found == invariant
+    assert len(found) < len(kernels)  # the classifier never is
+
+
+def test_alexnet_batch_norm_all_adds_bn6_to_bn8_without_parameters():
+    plain = models.build("alexnet_bn_small", num_classes=10)
+    everywhere = models.build("alexnet_bn_small", num_classes=10, normalization="batch_norm_all")
+    names = [layer.name for layer in everywhere.layers]
+    assert names.index("bn6") == names.index("fc6") - 1
+    assert names.index("bn7") == names.index("fc7") - 1
+    assert names.index("bn8") == names.index("fc8") - 1
+    assert _trainable_count(everywhere) == _trainable_count(plain)
+
+
 def test_bn_momentum_and_epsilon_options_reach_every_batch_norm():
     for name in ("resnet20_cifar", "alexnet_bn_small"):
         model = models.build(name, num_classes=10, bn_momentum=0.97, bn_epsilon=1e-3)

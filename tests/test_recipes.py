@@ -123,6 +123,8 @@ def test_sgd_is_lars_without_adaptation(dirs):
         (["--flagfile=/nonexistent/recipe.cfg"], "/nonexistent/recipe.cfg"),
         (["--lr_decay_epochs=60,30", "--lr_schedule=multistep"], "must be increasing"),
         (["--width_multiplier=0.5", "--model=resnet50"], "AlexNet models only"),
+        (["--normalization=batch_norm_all", "--model=resnet50"], "AlexNet models only"),
+        (["--normalization=group_norm"], "value should be one of"),
     ],
 )
 def test_bad_flags_are_rejected_with_the_flag_named(argv, message, dirs):

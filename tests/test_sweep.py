@@ -266,7 +266,8 @@ def test_train_arguments_parse(tmp_path):
 
     data_dir = tmp_path / "cifar"
     (data_dir / "train").mkdir(parents=True)
-    for run in sweep.scaling_runs(TINY)[:3]:
+    bn_all = dataclasses.replace(TINY, models=("alexnet_bn_small_bn_all",))
+    for run in sweep.scaling_runs(TINY)[:3] + sweep.scaling_runs(bn_all)[:1]:
         values = flags.FlagValues()
         train_flags.define_all(values)
         args = run.train_args(TINY, tmp_path / run.name) + [f"--data_dir={data_dir}"]
@@ -282,6 +283,27 @@ def test_train_arguments_parse(tmp_path):
         assert values.bn_recalibration_batches == -(-TINY.recalibration_images // run.batch)
         assert values.preprocessing == "cifar" and values.eval_split == "test"
         assert dataclasses.asdict(run)["epochs"] == values.epochs
+        assert values.model == "alexnet_bn_small"
+        options = train_flags.model_options(values)
+        assert options["groups"] == 1 and options["dropout"] == 0
+        assert options.get("normalization") == (
+            "batch_norm_all" if run.model.endswith("bn_all") else None
+        )
+
+
+def test_protocol_without_longer_runs_or_bn_ablation(tmp_path):
+    """The batch-norm-everywhere protocol's shape: scaling cells and repeats only."""
+    protocol = dataclasses.replace(
+        TINY, models=("alexnet_bn_small_bn_all",), repeat_seeds=(2,), longer=(), bn_ablation=False
+    )
+    assert sweep.PROTOCOLS["quick_bn_all"].longer == ()
+    assert not sweep.PROTOCOLS["quick_bn_all"].bn_ablation
+    records = sweep.sweep(protocol, tmp_path / "runs", tmp_path / "results", FakeTrain())
+    assert {r["part"] for r in records.values()} == {"scaling", "repeat"}
+    assert len([r for r in records.values() if r["part"] == "scaling"]) == 2 + 2 * (2 + 3)
+    page = (tmp_path / "results" / "cifar10_tiny.md").read_text()
+    assert "## Seeds" in page and "alexnet_bn_small_bn_all" in page
+    assert "Train longer" not in page and "moving averages" not in page
 
 
 def test_layer_table_from_trust_ratio_events(tmp_path):

@@ -48,19 +48,22 @@ METHOD_TITLES = {
     "sgd_warmup": "SGD + linear scaling + warm-up",
     "lars": "LARS + warm-up + poly(2)",
 }
-# Command-line options of train.py per model (CPU-friendly: ungrouped convolutions).
+# The sweep's models: their train.py options by the name that labels their runs (CPU-friendly:
+# ungrouped convolutions). "alexnet_bn_small_bn_all" is the AlexNet twin with a batch norm
+# before fc6..fc8 too (`normalization="batch_norm_all"`, not in the paper): every layer but
+# the classifier scale-invariant, as in ResNet-20.
+_ALEXNET_SMALL = ("--model=alexnet_bn_small", "--groups=1", "--dropout=0")
 MODEL_FLAGS = {
-    "alexnet_bn_small": ("--groups=1", "--dropout=0"),
-    "resnet20_cifar": (),
-    "resnet32_cifar": (),
+    "alexnet_bn_small": _ALEXNET_SMALL,
+    "alexnet_bn_small_bn_all": (*_ALEXNET_SMALL, "--normalization=batch_norm_all"),
+    "resnet20_cifar": ("--model=resnet20_cifar",),
+    "resnet32_cifar": ("--model=resnet32_cifar",),
 }
 # train.py's exit status when the loss diverged (any other failure is not a result).
 EXIT_DIVERGED = 3
 # CIFAR-10's chance top-1 is 0.10: a run at most 2 points above it learned nothing, and
 # ranks with the diverged ones when the sweep picks its next rates (its "best" is noise).
 NO_LEARNING_TOP1 = 0.12
-# Train-longer runs (Table 5 of the paper): multiples of the epoch budget.
-LONGER = (1.25, 1.5, 2.0)
 
 FLAGS = flags.FLAGS
 
@@ -87,6 +90,9 @@ class Protocol:
             best is bracketed, to measure the seed-to-seed spread of the comparison.
         recalibration_images: Images (rounded up to whole batches) from which the batch-norm
             statistics are re-estimated before the evaluation.
+        longer: Train-longer runs (Table 5 of the paper): multiples of the epoch budget.
+        bn_ablation: Whether to run LARS at the batch nearest 4096 once more, evaluated with
+            the moving-average statistics instead of re-estimated ones.
     """
 
     name: str
@@ -101,6 +107,8 @@ class Protocol:
     seeds: tuple[int, ...] = (1,)
     repeat_seeds: tuple[int, ...] = ()
     recalibration_images: int = 8192
+    longer: tuple[float, ...] = (1.25, 1.5, 2.0)
+    bn_ablation: bool = True
 
 
 PROTOCOLS = {
@@ -121,6 +129,23 @@ PROTOCOLS = {
             lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
             warmup_epochs=1,
             repeat_seeds=(2, 3),
+        ),
+        # Is LARS's gain over SGD on the AlexNet twin, absent on ResNet-20, the gain on the
+        # layers that feed no batch norm? The same cells with those layers batch-normed too,
+        # at the batch where the twin's gap was largest and at the largest.
+        Protocol(
+            name="quick_bn_all",
+            models=("alexnet_bn_small_bn_all",),
+            epochs=3,
+            baseline_batch=128,
+            batches=(1024, 8192),
+            baseline_lrs=(0.01, 0.02, 0.05, 0.1),
+            sgd_base_lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
+            lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
+            warmup_epochs=1,
+            repeat_seeds=(2, 3),
+            longer=(),
+            bn_ablation=False,
         ),
         Protocol(
             name="full",
@@ -167,8 +192,7 @@ class Run:
             recalibration = 0
         return [
             f"--flagfile=flags/cifar10_{self.method}.cfg",
-            f"--model={self.model}",
-            *MODEL_FLAGS.get(self.model, ()),
+            *MODEL_FLAGS.get(self.model, (f"--model={self.model}",)),
             f"--global_batch_size={self.batch}",
             f"--learning_rate={self.lr:g}",
             f"--epochs={self.epochs:g}",
@@ -227,7 +251,8 @@ def _scaling_groups(protocol: Protocol, model: str) -> tuple[list[Run], list[Run
                     (baseline_rest if method == "sgd" else rest).append(run)
                     continue
                 first.append(run)
-                if (method, batch, seed) == ("lars", ablation_batch, protocol.seeds[0]):
+                ablate = (method, batch, seed) == ("lars", ablation_batch, protocol.seeds[0])
+                if ablate and protocol.bn_ablation:
                     ablation = dataclasses.replace(run, part="bn_ablation", recalibrate=False)
                     first.append(ablation)
     return first, rest, baseline_rest
@@ -341,7 +366,7 @@ def longer_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
             best, untried = climb(cell_runs(protocol, model, "lars", batch, seed), records)
             if best is None or untried:
                 continue
-            for factor in LONGER:
+            for factor in protocol.longer:
                 epochs = protocol.epochs * factor
                 warmup = protocol.warmup_epochs
                 runs.append(Run("longer", model, "lars", batch, best.lr, epochs, warmup, seed))
@@ -531,7 +556,7 @@ def write_report(
             writer.writerow(record)
 
     planned = [r for r in scaling_runs(protocol) if r.part == "scaling"]
-    longer_planned = len(protocol.models) * len(protocol.seeds) * len(LONGER)
+    longer_planned = len(protocol.models) * len(protocol.seeds) * len(protocol.longer)
     finished = sum(r["part"] == "scaling" for r in records.values())
     finished_longer = sum(r["part"] == "longer" for r in records.values())
     lines = [
@@ -585,7 +610,29 @@ def write_report(
             )
     if protocol.repeat_seeds:
         lines += _seed_section(protocol, records, best_rows)
-    lines += ["", "## Train longer (LARS, largest batch, best LR of the fixed budget)", ""]
+    if protocol.longer:
+        lines += _longer_section(protocol, records, best_rows)
+    if protocol.bn_ablation:
+        lines += _bn_ablation_section(protocol, records)
+    plots = plot(protocol, records, best_rows, results_dir, stem)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [
+        "",
+        f"Raw per-epoch logs: `logs/{protocol.name}/<run>.csv` (train.py's CSV log); every "
+        f"run's outcome: `{stem}_runs.csv`.",
+        "",
+    ]
+    page = results_dir / f"{stem}.md"
+    page.write_text("\n".join(lines))
+    return page
+
+
+def _longer_section(
+    protocol: Protocol, records: dict[str, dict], best_rows: list[dict]
+) -> list[str]:
+    """The train-longer table: per model, the largest batch's LARS best and its longer runs."""
+    lines = ["", "## Train longer (LARS, largest batch, best LR of the fixed budget)", ""]
     batch = max(protocol.batches)
     longer_rows = []
     for model in protocol.models:
@@ -597,7 +644,7 @@ def write_report(
             batch,
             "not run" if base_cell["best"] is None else _percent(base_cell["best"]["top1"]),
         ]
-        for factor in LONGER:
+        for factor in protocol.longer:
             match = [
                 r
                 for r in records.values()
@@ -606,11 +653,19 @@ def write_report(
             ]  # fmt: skip
             row.append(_percent(match[0]["top1"]) if match else "not run")
         longer_rows.append(row)
-    lines += _table(
-        ["model", "batch", *[f"{protocol.epochs * f:g} epochs ({f:g}x)" for f in (1.0, *LONGER)]],
+    return lines + _table(
+        [
+            "model",
+            "batch",
+            *[f"{protocol.epochs * f:g} epochs ({f:g}x)" for f in (1.0, *protocol.longer)],
+        ],
         longer_rows,
     )
-    lines += [
+
+
+def _bn_ablation_section(protocol: Protocol, records: dict[str, dict]) -> list[str]:
+    """The batch-norm statistics table: re-estimated against moving averages."""
+    lines = [
         "",
         "## Batch-norm statistics at evaluation: re-estimated vs moving averages",
         "",
@@ -631,22 +686,10 @@ def write_report(
                 _percent(records[run.name]["top1"]) if run.name in records else "not run",
             ]
         )
-    lines += _table(
+    return lines + _table(
         ["model", "method", "batch", "LR", "top-1, re-estimated", "top-1, moving averages"],
         ablation_rows,
     )
-    plots = plot(protocol, records, best_rows, results_dir, stem)
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += [
-        "",
-        f"Raw per-epoch logs: `logs/{protocol.name}/<run>.csv` (train.py's CSV log); every "
-        f"run's outcome: `{stem}_runs.csv`.",
-        "",
-    ]
-    page = results_dir / f"{stem}.md"
-    page.write_text("\n".join(lines))
-    return page
 
 
 def _seed_section(protocol: Protocol, records: dict[str, dict], best_rows: list[dict]) -> list[str]:

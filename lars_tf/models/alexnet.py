@@ -9,6 +9,13 @@ One builder makes the whole family; the registry's names are option sets of it:
 - `alexnet_bn_small`: AlexNet-BN at a quarter width with a 5x5 stride-1 conv1, for 32 to
   64 pixel images on a CPU.
 
+`normalization="batch_norm_all"` is not in the paper: AlexNet-BN plus a batch norm before
+fc6, fc7 and fc8. In AlexNet-BN the outputs of conv1..conv4 reach a batch norm (through
+ReLU and max pooling, which commute with a positive scale), so the loss does not depend on
+the scale of those layers' weights; those of conv5, fc6, fc7 and fc8 do not. With
+"batch_norm_all" every layer but fc8 is scale-invariant, as every convolution of a ResNet
+is: an ablation of how much of LARS's gain over SGD comes from the layers without one.
+
 Both full-size nets have exactly 60,965,224 trainable parameters with 1,000 classes
 (the batch norms of AlexNet-BN have none). Layer names are the prototxt's (`conv1` ...
 `fc8`, `norm1`, `bn2` ...), so per-variable logs such as `conv1/kernel` line up with
@@ -35,7 +42,7 @@ import keras
 from lars_tf.models import _common
 from lars_tf.models.layers import LocalResponseNormalization
 
-NORMALIZATIONS = ("lrn", "batch_norm", "none")
+NORMALIZATIONS = ("lrn", "batch_norm", "batch_norm_all", "none")
 
 # Bias constants of BVLC's bvlc_alexnet/train_val.prototxt.
 _BVLC_BIASES = {
@@ -92,7 +99,9 @@ def alexnet(
     Args:
         num_classes: Width of fc8.
         normalization: "lrn" (BVLC AlexNet: LRN after relu1 and relu2), "batch_norm"
-            (AlexNet-BN: batch norm without scale or offset before conv2..conv5), or "none".
+            (AlexNet-BN: batch norm without scale or offset before conv2..conv5),
+            "batch_norm_all" (AlexNet-BN plus the same before fc6, fc7 and fc8; not in the
+            paper, see the module docstring), or "none".
         width_multiplier: Scales every conv and fc6/fc7 width (rounded to a multiple of 8
             and of `groups`); 1.0 is the paper's net.
         groups: Filter groups of conv2, conv4 and conv5 (2 in AlexNet, from its two GPUs).
@@ -149,7 +158,8 @@ def alexnet(
                 f"groups={groups} must divide the channels of {previous} "
                 f"({filters[previous]}) and {layer} ({filters[layer]})"
             )
-    biases = _ALEXNET_BN_BIASES if normalization == "batch_norm" else _BVLC_BIASES
+    batch_normed = normalization in ("batch_norm", "batch_norm_all")
+    biases = _ALEXNET_BN_BIASES if batch_normed else _BVLC_BIASES
     channels = _common.channel_axis(data_format)
 
     def conv(x, layer, kernel_size, strides=1, padding="same"):
@@ -197,11 +207,12 @@ def alexnet(
         )(x)
 
     def batch_norm(x, index):
-        if normalization != "batch_norm":
+        if not batch_normed or (index > 5 and normalization != "batch_norm_all"):
             return x
-        # No learnable scale or offset: the authors' `scale_bias: false`.
+        # No learnable scale or offset: the authors' `scale_bias: false`. bn6..bn8 see
+        # flattened features, so their axis is the last whatever the data format.
         return keras.layers.BatchNormalization(
-            axis=channels,
+            axis=channels if index <= 5 else -1,
             momentum=bn_momentum,
             epsilon=bn_epsilon,
             center=False,
@@ -226,9 +237,10 @@ def alexnet(
     x = pool(x, 5)
     # Flatten in channels-last order whatever the data format, so fc6 is layout-independent.
     x = keras.layers.Flatten(data_format=data_format, dtype=policy, name="flatten")(x)
-    x = drop(relu(dense(x, "fc6", width(_FC_UNITS)), 6), 6)
-    x = drop(relu(dense(x, "fc7", width(_FC_UNITS)), 7), 7)
-    return _common.make_model(inputs, dense(x, "fc8", num_classes), policy, name)
+    x = drop(relu(dense(batch_norm(x, 6), "fc6", width(_FC_UNITS)), 6), 6)
+    x = drop(relu(dense(batch_norm(x, 7), "fc7", width(_FC_UNITS)), 7), 7)
+    logits = dense(batch_norm(x, 8), "fc8", num_classes)
+    return _common.make_model(inputs, logits, policy, name)
 
 
 def _gaussian(layer: str) -> keras.initializers.Initializer:
