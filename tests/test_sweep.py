@@ -329,6 +329,8 @@ def test_layer_table_from_trust_ratio_events(tmp_path):
     outputs = layer_table.write_outputs([str(run)], str(tmp_path / "table2"), 0)
     page = outputs[0].read_text()
     assert "Batch 256, update 0" in page and "| ‖w‖ | 1.61 | 5.76 | 3 |" in page
+    # The kernels' ratios are 5.76 (conv1) and 6 (fc8); the bias's 7.3 is left out.
+    assert "over the 2 kernels: from 5.76 (conv1.w) to 6 (fc8.w), a factor of 1.042" in page
     assert outputs[2].stat().st_size > 1000
     with open(outputs[1]) as f:
         assert len(list(csv.reader(f))) == 1 + 3 * 3 * 3

@@ -11,7 +11,8 @@ gradient, weight decay not included) and `local_lr/<path>` (LARS's trust ratio, 
 global rate gives the variable's rate). Writes:
 
 - `<output>.md`: Table 2 in the paper's layout (a column per variable, `conv1.b`, `conv1.w`,
-  ..., rows ||w||, ||g||, ||w||/||g||) for the update `--table_step` of each run;
+  ..., rows ||w||, ||g||, ||w||/||g||) for the update `--table_step` of each run, and the
+  spread of ||w||/||g|| over the weight matrices (kernels), the quantity LARS equalises;
 - `<output>_local_lr.png`: Figure 2, each layer's local LR over the logged updates, one panel
   per run (batch size);
 - `<output>.csv`: every logged value (run, step, variable, statistic, value).
@@ -88,6 +89,40 @@ def table(values: dict, step: int) -> tuple[list[str], list[list[float]]]:
     return [short_name(p) for p in paths], [weights, grads, ratios]
 
 
+def kernel_spread(names: list[str], ratios: list[float]) -> str:
+    """One line: the smallest and largest ||w||/||g|| among the kernels (`*.w`), their
+    quotient and the median; biases and batch-norm variables are left out."""
+    kernels = sorted((r, n) for n, r in zip(names, ratios, strict=True) if n.endswith(".w"))
+    if not kernels:
+        return "No kernels logged."
+    (low, low_name), (high, high_name) = kernels[0], kernels[-1]
+    median = (
+        kernels[len(kernels) // 2][0]
+        if len(kernels) % 2
+        else ((kernels[len(kernels) // 2 - 1][0] + kernels[len(kernels) // 2][0]) / 2)
+    )
+    return (
+        f"‖w‖ / ‖∇w‖ over the {len(kernels)} kernels: from {_format(low)} ({low_name}) to "
+        f"{_format(high)} ({high_name}), a factor of {_format(high / low)}; median "
+        f"{_format(median)}."
+    )
+
+
+def _plan(run: str) -> dict:
+    plan_file = Path(run) / "plan.json"
+    return json.loads(plan_file.read_text()) if plan_file.exists() else {}
+
+
+def _model(run: str) -> str:
+    """The run's `--model` (and `--normalization`, if given) from train.py's `flags.txt`."""
+    flags_file = Path(run) / "flags.txt"
+    text = flags_file.read_text() if flags_file.exists() else ""
+    model = re.search(r"^--model=(\S+)", text, re.M)
+    normalization = re.search(r"^--normalization=(\S+)", text, re.M)
+    name = model.group(1) if model else Path(run).name
+    return f"{name} ({normalization.group(1)})" if normalization else name
+
+
 def _format(value: float) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4g}"
@@ -106,9 +141,7 @@ def write_outputs(runs: list[str], output: str, table_step: int) -> list[Path]:
     logs = {run: read_layer_log(run) for run in runs}
     lines = []
     for run, values in logs.items():
-        plan_file = Path(run) / "plan.json"
-        plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
-        batch = plan.get("global_batch_size", "?")
+        batch = _plan(run).get("global_batch_size", "?")
         names, rows = table(values, table_step)
         lines += [
             f"Batch {batch}, update {table_step} (`{run}`):",
@@ -118,7 +151,7 @@ def write_outputs(runs: list[str], output: str, table_step: int) -> list[Path]:
         ]
         for label, row in zip(("‖w‖", "‖∇w‖", "‖w‖ / ‖∇w‖"), rows, strict=True):
             lines.append(f"| {label} | " + " | ".join(_format(v) for v in row) + " |")
-        lines.append("")
+        lines += ["", kernel_spread(names, rows[2]), ""]
     md = output_path.with_suffix(".md")
     md.write_text("\n".join(lines))
 
@@ -133,12 +166,7 @@ def write_outputs(runs: list[str], output: str, table_step: int) -> list[Path]:
 
     figure, axes = plt.subplots(1, len(logs), figsize=(6 * len(logs), 4.5), squeeze=False)
     for axis, (run, values) in zip(axes[0], logs.items(), strict=True):
-        plan_file = Path(run) / "plan.json"
-        batch = (
-            json.loads(plan_file.read_text()).get("global_batch_size")
-            if plan_file.exists()
-            else "?"
-        )
+        batch = _plan(run).get("global_batch_size", "?")
         colors = plt.get_cmap("tab20").colors  # 16 variables: one colour each
         for index, path in enumerate(sorted(values["local_lr"], key=_layer_order)):
             series = sorted(values["local_lr"][path].items())
@@ -153,7 +181,7 @@ def write_outputs(runs: list[str], output: str, table_step: int) -> list[Path]:
         axis.set_yscale("log")
         axis.set_xlabel("update")
         axis.set_ylabel("local LR (trust ratio, × global LR = the layer's rate)")
-        axis.set_title(f"AlexNet-BN, batch {batch}")
+        axis.set_title(f"{_model(run)}, batch {batch}")
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
