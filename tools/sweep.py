@@ -142,8 +142,11 @@ PROTOCOLS = {
             baseline_lrs=(0.01, 0.02, 0.05, 0.1),
             # Batch norm before fc6..fc8 makes the gradients ~300x larger at initialisation
             # (||w|| / ||g|| 0.1-1.1 instead of 8-270); SGD's best sat at the grid's smallest
-            # rate twice (at 8K), so the grid was extended downwards twice.
-            sgd_base_lrs=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+            # rate three times (at 8K), so the grid was extended downwards three times.
+            sgd_base_lrs=(
+                *(0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001),
+                *(0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+            ),
             lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
             warmup_epochs=1,
             repeat_seeds=(2, 3),
