@@ -382,3 +382,27 @@ def test_repeats_run_once_the_best_is_bracketed_before_the_rest_of_the_grid(tmp_
         "lars_b2048_lr3.54_e2_s1",
         "lars_b2048_lr56.6_e2_s1",
     ]
+
+
+def test_grown_grid_keeps_the_repeats_already_run(tmp_path):
+    """A cell whose best sat at the grid's edge is re-opened when the grid grows; once the new
+    rate has run and the best stayed, its repeats (and train-longer runs) count as done."""
+    protocol = dataclasses.replace(TINY, repeat_seeds=(2,))
+
+    def peaked(run: sweep.Run) -> float:  # SGD's best is 0.05 per 128 images
+        if run.method != "sgd_warmup":
+            return fake_accuracy(run)
+        return 0.5 - abs(run.lr * protocol.baseline_batch / run.batch - 0.05)
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    first = sweep.sweep(protocol, runs, results, FakeTrain(accuracy=peaked))
+    assert "alexnet_bn_small_sgd_warmup_b1024_lr0.4_e2_s2" in first  # the edge's repeat
+    grown = dataclasses.replace(protocol, sgd_base_lrs=(0.01, 0.05, 0.1))
+    more = FakeTrain(accuracy=peaked)
+    second = sweep.sweep(grown, runs, results, more)
+    # Only the new rates ran (worse than 0.05 per 128); no repeat or train-longer run again.
+    assert sorted(more.short_calls()) == [
+        "sgd_warmup_b1024_lr0.08_e2_s1",
+        "sgd_warmup_b2048_lr0.16_e2_s1",
+    ]
+    assert set(first) < set(second)

@@ -480,16 +480,27 @@ def sweep(
 
 
 def collect(protocol: Protocol, base: Path) -> dict[str, dict]:
-    """Records of the finished runs found under `base`."""
+    """Records of the finished runs found under `base`: every scaling run, and the repeats
+    and train-longer runs of every rate that has them on disk (not only of today's best:
+    after the grid grows, a cell's best is not bracketed until its new neighbour ran, and
+    its earlier repeats must still count as done)."""
     records = {}
     for run in scaling_runs(protocol):
-        record = read_record(run, base / run.name)
-        if record is not None:
-            records[run.name] = record
-    for run in longer_runs(protocol, records) + repeat_runs(protocol, records):
-        record = read_record(run, base / run.name)
-        if record is not None:
-            records[run.name] = record
+        candidates = [run]
+        if run.part == "scaling":
+            repeat = [
+                dataclasses.replace(run, part="repeat", seed=s) for s in protocol.repeat_seeds
+            ]
+            candidates += repeat
+        if run.part == "scaling" and run.method == "lars" and run.batch == max(protocol.batches):
+            candidates += [
+                dataclasses.replace(run, part="longer", epochs=protocol.epochs * factor)
+                for factor in protocol.longer
+            ]
+        for candidate in candidates:
+            record = read_record(candidate, base / candidate.name)
+            if record is not None:
+                records[candidate.name] = record
     return records
 
 
