@@ -124,8 +124,9 @@ PROTOCOLS = {
             # for SGD (its best was the smallest rate at every batch), 20 and 40 for LARS
             # (its best was the largest at 1K-4K); in the third session 0.005 for SGD (the
             # AlexNet twin's best at 2K and the ResNet's at 8K were at 0.01); in the fifth
-            # 0.002 for SGD (both models' best at 8K was at 0.005, the smallest).
-            baseline_lrs=(0.01, 0.02, 0.05, 0.1),
+            # 0.002 for SGD (both models' best at 8K was at 0.005, the smallest) and 0.2 for the
+            # baseline (the ResNet's best was 0.1, the largest).
+            baseline_lrs=(0.01, 0.02, 0.05, 0.1, 0.2),
             sgd_base_lrs=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             lars_base_lrs=(2.5, 5.0, 10.0, 20.0, 40.0),
             warmup_epochs=1,
