@@ -304,6 +304,7 @@ def test_protocol_without_longer_runs_or_bn_ablation(tmp_path):
     page = (tmp_path / "results" / "cifar10_tiny.md").read_text()
     assert "## Seeds" in page and "alexnet_bn_small_bn_all" in page
     assert "Train longer" not in page and "moving averages" not in page
+    assert "Runs finished: 12 of 12 batch-scaling runs." in page
 
 
 def test_layer_table_from_trust_ratio_events(tmp_path):
@@ -406,3 +407,23 @@ def test_grown_grid_keeps_the_repeats_already_run(tmp_path):
         "sgd_warmup_b2048_lr0.16_e2_s1",
     ]
     assert set(first) < set(second)
+
+
+def test_train_longer_table_follows_the_best_rate_when_the_grid_grows(tmp_path):
+    """Train-longer runs at an earlier best stay on disk; the table shows today's best's."""
+
+    def rising(run: sweep.Run) -> float:  # LARS: the larger the rate the better
+        return (
+            0.3 + run.lr / 1000 + run.epochs / 100 if run.method == "lars" else fake_accuracy(run)
+        )
+
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    sweep.sweep(TINY, runs, results, FakeTrain(accuracy=rising))
+    grown = dataclasses.replace(TINY, lars_base_lrs=(5.0, 10.0, 20.0, 40.0))
+    records = sweep.sweep(grown, runs, results, FakeTrain(accuracy=rising))
+    longer = sorted((r["lr"], r["epochs"]) for r in records.values() if r["part"] == "longer")
+    assert longer == [(28.3, 2.5), (28.3, 3.0), (28.3, 4.0), (56.6, 2.5), (56.6, 3.0), (56.6, 4.0)]
+    page = (results / "cifar10_tiny.md").read_text()
+    # 0.3 + 56.6 / 1000 + epochs / 100 at 2, 2.5, 3 and 4 epochs, in %.
+    assert "| alexnet_bn_small | 2048 | 37.66 | 38.16 | 38.66 | 39.66 |" in page
+    assert "Runs finished: 14 of 14 batch-scaling runs and 3 of 3 train-longer runs." in page
