@@ -24,6 +24,7 @@ import csv
 import json
 import os
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -96,11 +97,7 @@ def kernel_spread(names: list[str], ratios: list[float]) -> str:
     if not kernels:
         return "No kernels logged."
     (low, low_name), (high, high_name) = kernels[0], kernels[-1]
-    median = (
-        kernels[len(kernels) // 2][0]
-        if len(kernels) % 2
-        else ((kernels[len(kernels) // 2 - 1][0] + kernels[len(kernels) // 2][0]) / 2)
-    )
+    median = statistics.median(r for r, _ in kernels)
     return (
         f"‖w‖ / ‖∇w‖ over the {len(kernels)} kernels: from {_format(low)} ({low_name}) to "
         f"{_format(high)} ({high_name}), a factor of {_format(high / low)}; median "
