@@ -491,10 +491,9 @@ def collect(protocol: Protocol, base: Path) -> dict[str, dict]:
     for run in scaling_runs(protocol):
         candidates = [run]
         if run.part == "scaling":
-            repeat = [
+            candidates += [
                 dataclasses.replace(run, part="repeat", seed=s) for s in protocol.repeat_seeds
             ]
-            candidates += repeat
         if run.part == "scaling" and run.method == "lars" and run.batch == max(protocol.batches):
             candidates += [
                 dataclasses.replace(run, part="longer", epochs=protocol.epochs * factor)
@@ -658,6 +657,9 @@ def _longer_section(
     """The train-longer table: per model, the largest batch's LARS best and its longer runs."""
     lines = ["", "## Train longer (LARS, largest batch, best LR of the fixed budget)", ""]
     batch = max(protocol.batches)
+    # The runs planned at today's best rate; those at an earlier best stay in the CSV only.
+    first_seed = [r for r in longer_runs(protocol, records) if r.seed == protocol.seeds[0]]
+    planned = {(r.model, r.epochs): r for r in first_seed}
     longer_rows = []
     for model in protocol.models:
         base_cell = next(
@@ -669,14 +671,9 @@ def _longer_section(
             "not run" if base_cell["best"] is None else _percent(base_cell["best"]["top1"]),
         ]
         for factor in protocol.longer:
-            match = [
-                r
-                for r in records.values()
-                if r["part"] == "longer" and r["model"] == model
-                and base_cell["best"] is not None and r["lr"] == base_cell["best"]["lr"]
-                and math.isclose(r["epochs"], protocol.epochs * factor)
-            ]  # fmt: skip
-            row.append(_percent(match[0]["top1"]) if match else "not run")
+            run = planned.get((model, protocol.epochs * factor))
+            done = run is not None and run.name in records
+            row.append(_percent(records[run.name]["top1"]) if done else "not run")
         longer_rows.append(row)
     return lines + _table(
         [
@@ -917,7 +914,12 @@ def _plot_vs_lr(plt, protocol: Protocol, records: dict[str, dict]):
 
 
 def _plot_vs_epochs(plt, protocol: Protocol, records: dict[str, dict], best_rows: list[dict]):
-    longer = [r for r in records.values() if r["part"] == "longer" and r["top1"] is not None]
+    # The runs at today's best rate; those at an earlier best stay in the CSV only.
+    longer = [
+        r
+        for r in longer_runs(protocol, records)
+        if r.name in records and records[r.name]["top1"] is not None
+    ]
     if not longer:
         return None
     measured = [b for b in best_rows if b["best"] is not None]
@@ -934,12 +936,7 @@ def _plot_vs_epochs(plt, protocol: Protocol, records: dict[str, dict], best_rows
         )
         if cell is None:
             continue
-        # Only the runs at the cell's best rate: runs at an earlier best stay in the records.
-        points = [
-            (r["epochs"], 100 * r["top1"])
-            for r in longer
-            if r["model"] == model and r["lr"] == cell["best"]["lr"]
-        ]
+        points = [(r.epochs, 100 * records[r.name]["top1"]) for r in longer if r.model == model]
         points.append((protocol.epochs, 100 * cell["best"]["top1"]))
         axis.plot(*zip(*sorted(points), strict=True), marker="o", label=model)
     axis.set_xlabel("epochs")
