@@ -9,6 +9,10 @@ its weights restores them.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -16,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from lars_tf import models
+from lars_tf.models import _common
 from lars_tf.models.layers import LocalResponseNormalization, ZeroPadShortcut
 
 PAPER_MODELS = {"alexnet": 60_965_224, "alexnet_bn": 60_965_224, "resnet50": 25_557_032}
@@ -398,6 +403,46 @@ FORMAT_CASES = {
 }
 
 
+CHANNELS_FIRST_REFUSED = "data_format='channels_first' cannot run on this machine"
+
+
+def _channels_first(name, **options):
+    """`models.build(name, data_format="channels_first")`, or None where TF has no NCHW kernels.
+
+    Where neither a GPU nor oneDNN's CPU kernels run NCHW (TF_ENABLE_ONEDNN_OPTS=0, or a CPU
+    without AVX512-VNNI and the like), building must be refused with the cause and the fix;
+    the caller then has nothing more to compare. test_channels_first_under_each_onednn_setting
+    checks both outcomes on every x86 machine.
+    """
+    if _common.tensorflow_runs_nchw():
+        return models.build(name, data_format="channels_first", **options)
+    with pytest.raises(ValueError, match=CHANNELS_FIRST_REFUSED) as refused:
+        models.build(name, data_format="channels_first", **options)
+    assert "TF_ENABLE_ONEDNN_OPTS=1" in str(refused.value)
+    assert "data_format='channels_last'" in str(refused.value)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_channels_first_under_each_onednn_setting(onednn):
+    # oneDNN is fixed when TensorFlow is imported: one process per setting. Off, TensorFlow's
+    # CPU kernels take NHWC only and building is refused; on, the NCHW model computes the
+    # NHWC one's logits with plain (non-XLA) kernels. GPUs are hidden: they run NCHW anyway.
+    script = Path(__file__).parent / "scripts" / "channels_first.py"
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, CUDA_VISIBLE_DEVICES="")
+    process = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    output = process.stdout + process.stderr[-3000:]
+    if onednn == "0":
+        assert process.returncode == 3, output
+        assert CHANNELS_FIRST_REFUSED in output and "TF_ENABLE_ONEDNN_OPTS is '0'" in output
+    else:
+        assert process.returncode == 0, output
+        assert "SAME" in process.stdout
+
+
 @pytest.mark.parametrize("case", list(FORMAT_CASES))
 def test_channels_first_computes_the_same_function(case):
     name, options = FORMAT_CASES[case]
@@ -406,12 +451,14 @@ def test_channels_first_computes_the_same_function(case):
     if "input_shape" in options:
         height, width, channels = options["input_shape"]
         first_options["input_shape"] = (channels, height, width)
-    first = models.build(name, data_format="channels_first", **first_options)
+    first = _channels_first(name, **first_options)
+    if first is None:
+        return
     assert first.input_shape == (None, 3, *last.input_shape[1:3])
     # Same weights in the same order and shapes: fc6 reads a channels-last flatten either way.
     first.set_weights(last.get_weights())
     images = _images(last)
-    # TF's CPU kernels only convolve NHWC; XLA compiles the NCHW graph on any device.
+    # XLA compiles the NCHW graph on any device, with its own kernels rather than oneDNN's.
     run_first = tf.function(lambda x: first(x, training=False), jit_compile=True)
     np.testing.assert_allclose(
         run_first(np.transpose(images, (0, 3, 1, 2))).numpy(),
@@ -430,6 +477,8 @@ def test_uint8_input_normalised_by_the_model_equals_float_input(name, data_forma
     # weights it computes what the plain model computes on the normalised images.
     mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
     options = dict(num_classes=10, data_format=data_format, input_shape=None)
+    if data_format == "channels_first" and _channels_first(name, num_classes=10) is None:
+        return
     plain = models.build(name, **options)
     raw = models.build(name, normalize_input=(mean, std), **options)
     assert raw.input.dtype == "uint8"
@@ -452,7 +501,9 @@ def test_uint8_input_normalised_by_the_model_equals_float_input(name, data_forma
 
 
 def test_channels_first_resnet50_keeps_the_parameter_count():
-    model = models.build("resnet50", data_format="channels_first")
+    model = _channels_first("resnet50")
+    if model is None:
+        return
     assert model.input_shape == (None, 3, 224, 224)
     assert _trainable_count(model) == PAPER_MODELS["resnet50"]
     assert model.get_layer("res5c").output.shape == (None, 2048, 7, 7)

@@ -15,7 +15,9 @@ Every name is a set of default options of one of two builders (`alexnet.alexnet`
 `resnet.resnet`); options given to `build` override them, e.g.
 `build("resnet20_cifar", num_classes=10, shortcut="B")`. Options every model takes:
 `input_shape`, `data_format`, `dtype` (a dtype policy; logits are float32 whatever it is),
-`dropout`, `bn_momentum`, `bn_epsilon`, `name`. The AlexNet family also takes
+`dropout`, `bn_momentum`, `bn_epsilon`, `name`. Under TensorFlow, "channels_first" needs a
+GPU or oneDNN's CPU kernels (`TF_ENABLE_ONEDNN_OPTS=1` before TensorFlow is imported): without
+either, building one raises a ValueError that says so. The AlexNet family also takes
 `width_multiplier`, `groups`, `normalization` and `conv1_*`; the ResNets
 `zero_init_residual`, `shortcut`, `stage_blocks`, `stage_filters`, `block` and `stem`.
 Models output logits: use losses with `from_logits=True`.
@@ -113,8 +115,8 @@ def build(name: str, num_classes: int = 1000, **options: Any) -> keras.Model:
         A functional `keras.Model` named `name` (unless `name=` is given in options).
 
     Raises:
-        ValueError: If `name` is not registered, an option is unknown to its builder, or
-            an option's value is out of range.
+        ValueError: If `name` is not registered, an option is unknown to its builder, an
+            option's value is out of range, or "channels_first" cannot run here.
     """
     entry = _lookup(name)
     accepted = set(inspect.signature(entry.builder).parameters) - {"num_classes"}

@@ -3,6 +3,8 @@ and the model input (float images, or uint8 images normalised on the model's dev
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import keras
@@ -17,6 +19,55 @@ def resolve_data_format(data_format: str | None) -> str:
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS} or None, got {data_format!r}")
     return data_format
+
+
+def check_data_format_runs(data_format: str) -> None:
+    """Raises ValueError if a `data_format` model could not run its first step here.
+
+    TensorFlow's own CPU kernels of Conv2D and MaxPool take NHWC only; NCHW runs on a GPU or
+    through oneDNN's CPU kernels, which TensorFlow turns on by default only on CPUs with
+    AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX (many AMD EPYCs and older Xeons have none).
+    Without either, a channels_first model builds and then fails in its first `fit` or
+    `predict` ("The Conv2D op currently only supports the NHWC tensor format on the CPU"):
+    refusing at build time names the cause and the ways out. Other Keras backends run NCHW
+    on any device. Under TensorFlow the first call runs two tiny ops on the CPU, so call it
+    after `tf.config.threading` is set.
+    """
+    if data_format != "channels_first" or keras.backend.backend() != "tensorflow":
+        return
+    if tensorflow_runs_nchw():
+        return
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    state = "unset" if setting is None else repr(setting)
+    raise ValueError(
+        "data_format='channels_first' cannot run on this machine: no GPU is visible and "
+        "TensorFlow's CPU Conv2D and MaxPool kernels take NHWC only without oneDNN "
+        f"(TF_ENABLE_ONEDNN_OPTS is {state}; TensorFlow turns oneDNN on by default only on "
+        "CPUs with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX). Use data_format='channels_last' "
+        "(the same weights), or set TF_ENABLE_ONEDNN_OPTS=1 before TensorFlow is imported "
+        "(oneDNN's CPU kernels take NCHW)."
+    )
+
+
+@functools.cache
+def tensorflow_runs_nchw() -> bool:
+    """Whether TensorFlow can convolve and pool NCHW tensors here (a GPU, or oneDNN on CPU).
+
+    Probed by running the two ops rather than read from the oneDNN setting: that is the
+    capability the models need, whatever decided it.
+    """
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    images = tf.zeros((1, 1, 4, 4))
+    try:
+        with tf.init_scope(), tf.device("/CPU:0"):
+            tf.nn.conv2d(images, tf.zeros((1, 1, 1, 1)), 1, "VALID", data_format="NCHW")
+            tf.nn.max_pool2d(images, 2, 2, "VALID", data_format="NCHW")
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+    return True
 
 
 def channel_axis(data_format: str) -> int:

@@ -125,7 +125,9 @@ def alexnet(
         An uncompiled functional `keras.Model` from images to `(batch, num_classes)` logits.
 
     Raises:
-        ValueError: If an argument is out of range, or the input is too small for the net.
+        ValueError: If an argument is out of range, the input is too small for the net, or
+            `data_format` is "channels_first" where TensorFlow has no NCHW kernels (see
+            `_common.check_data_format_runs`).
     """
     _common.check_num_classes(num_classes)
     _common.check_dropout(dropout)
@@ -138,6 +140,7 @@ def alexnet(
     if conv1_padding not in ("valid", "same"):
         raise ValueError(f"conv1_padding must be 'valid' or 'same', got {conv1_padding!r}")
     data_format = _common.resolve_data_format(data_format)
+    _common.check_data_format_runs(data_format)
     policy = _common.resolve_policy(dtype)
     input_shape = _common.resolve_input_shape(input_shape, 227, data_format)
     _check_input_size(input_shape, data_format, conv1_kernel_size, conv1_strides, conv1_padding)

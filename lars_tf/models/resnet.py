@@ -100,7 +100,8 @@ def resnet(
         An uncompiled functional `keras.Model` from images to `(batch, num_classes)` logits.
 
     Raises:
-        ValueError: If an argument is out of range.
+        ValueError: If an argument is out of range, or `data_format` is "channels_first" where
+            TensorFlow has no NCHW kernels (see `_common.check_data_format_runs`).
     """
     _common.check_num_classes(num_classes)
     _common.check_dropout(dropout)
@@ -120,6 +121,7 @@ def resnet(
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
     data_format = _common.resolve_data_format(data_format)
+    _common.check_data_format_runs(data_format)
     policy = _common.resolve_policy(dtype)
     input_shape = _common.resolve_input_shape(input_shape, 224, data_format)
     channels = _common.channel_axis(data_format)
