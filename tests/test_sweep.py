@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -267,7 +268,8 @@ def test_train_arguments_parse(tmp_path):
     data_dir = tmp_path / "cifar"
     (data_dir / "train").mkdir(parents=True)
     bn_all = dataclasses.replace(TINY, models=("alexnet_bn_small_bn_all",))
-    for run in sweep.scaling_runs(TINY)[:3] + sweep.scaling_runs(bn_all)[:1]:
+    nesterov = [r for r in sweep.scaling_runs(sweep.PROTOCOLS["claim"]) if r.method == "nesterov"]
+    for run in sweep.scaling_runs(TINY)[:3] + sweep.scaling_runs(bn_all)[:1] + nesterov[:1]:
         values = flags.FlagValues()
         train_flags.define_all(values)
         args = run.train_args(TINY, tmp_path / run.name) + [f"--data_dir={data_dir}"]
@@ -278,6 +280,7 @@ def test_train_arguments_parse(tmp_path):
         finally:
             os.chdir(cwd)
         assert values.optimizer == ("lars" if run.method == "lars" else "sgd")
+        assert values.nesterov == (run.method == "nesterov")
         assert values.learning_rate == pytest.approx(run.lr)
         assert values.global_batch_size == run.batch
         assert values.bn_recalibration_batches == -(-TINY.recalibration_images // run.batch)
@@ -427,3 +430,90 @@ def test_train_longer_table_follows_the_best_rate_when_the_grid_grows(tmp_path):
     # 0.3 + 56.6 / 1000 + epochs / 100 at 2, 2.5, 3 and 4 epochs, in %.
     assert "| alexnet_bn_small | 2048 | 37.66 | 38.16 | 38.66 | 39.66 |" in page
     assert "Runs finished: 14 of 14 batch-scaling runs and 3 of 3 train-longer runs." in page
+
+
+def test_claim_protocol_plan():
+    """Issue 20's protocol: the AlexNet twin at one budget, batches 128 to 4K, Nesterov at the
+    largest batch only (on SGD + warm-up's rates, warm-up and schedule), LARS trained 1.5x
+    and 2x longer there."""
+    claim, quick = sweep.PROTOCOLS["claim"], sweep.PROTOCOLS["quick"]
+    assert claim.models == ("alexnet_bn_small",) and claim.baseline_batch == 128
+    assert claim.batches == (1024, 2048, 4096) and claim.longer == (1.5, 2.0)
+    assert claim.repeat_seeds == (2, 3) and claim.repeat_baseline and not claim.fill_grid
+    assert sweep.cells(claim, "alexnet_bn_small") == [
+        ("sgd", 128),
+        ("sgd_warmup", 1024), ("lars", 1024),
+        ("sgd_warmup", 2048), ("lars", 2048),
+        ("sgd_warmup", 4096), ("lars", 4096), ("nesterov", 4096),
+    ]  # fmt: skip
+    runs = sweep.scaling_runs(claim)
+    assert {r.epochs for r in runs} == {claim.epochs}
+    nesterov = [r for r in runs if r.method == "nesterov"]
+    assert nesterov and {r.batch for r in nesterov} == {4096}
+    assert sorted(r.lr for r in nesterov) == sweep.cell_lrs(claim, "sgd_warmup", 4096)
+    assert {r.warmup_epochs for r in nesterov} == {claim.warmup_epochs} != {0.0}
+    for run in nesterov:
+        args = run.train_args(claim, Path("/x"))
+        twin = dataclasses.replace(run, method="sgd_warmup").train_args(claim, Path("/x"))
+        assert "--nesterov" in args and "--flagfile=flags/cifar10_sgd_warmup.cfg" in args
+        assert [a for a in args if a != "--nesterov"] == twin  # otherwise SGD + warm-up
+    assert all(
+        "--nesterov" not in r.train_args(claim, Path("/x")) for r in runs if r not in nesterov
+    )
+    # The twin's options are the quick protocol's.
+    assert sweep.MODEL_FLAGS["alexnet_bn_small"] == (
+        "--model=alexnet_bn_small",
+        "--groups=1",
+        "--dropout=0",
+    )
+    assert set(claim.models) <= set(quick.models)
+    assert not any(r.part == "bn_ablation" for r in runs)
+    # The runs' environment turns TensorFlow's oneDNN kernels on.
+    assert sweep.RUN_ENVIRONMENT == {"TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+def test_claim_sweep_climbs_repeats_every_cell_and_stops(tmp_path):
+    """The claim sweep: the climb brackets every cell's best, the baseline and Nesterov
+    included; three seeds there; train longer at 1.5x and 2x; no rate further than one step
+    from a best; the report gives every cell's gap to the baseline with its standard error."""
+    claim = sweep.PROTOCOLS["claim"]
+    best = {"sgd": 0.02, "sgd_warmup": 0.01, "nesterov": 0.01, "lars": 20.0}  # base rates
+
+    def peaked(run: sweep.Run) -> float:
+        rate = sweep.base_rate(claim, run.method, run.batch, run.lr)
+        distance = abs(math.log(rate / best[run.method]))
+        accuracy = 0.6 - distance / 10 - run.batch / 1e5 + run.seed / 100 + run.epochs / 1000
+        return accuracy + (0.05 if run.method == "lars" else 0)
+
+    fake = FakeTrain(accuracy=peaked)
+    records = sweep.sweep(claim, tmp_path / "runs", tmp_path / "results", fake)
+    scaling = [r for r in records.values() if r["part"] == "scaling"]
+    for method, batch in sweep.cells(claim, "alexnet_bn_small"):
+        cell = sweep.cell_runs(claim, "alexnet_bn_small", method, batch, 1)
+        tried = [i for i, r in enumerate(cell) if r.name in records]
+        top = max(tried, key=lambda i: records[cell[i].name]["top1"])
+        assert sweep.base_rate(claim, method, batch, cell[top].lr) == pytest.approx(
+            best[method], rel=1e-3
+        )
+        assert {top - 1, top + 1} & set(range(len(cell))) <= set(tried)  # bracketed
+        middle = len(cell) // 2
+        assert set(tried) <= set(range(min(middle, top - 1), max(middle, top + 1) + 1))
+        seeds = [dataclasses.replace(cell[top], part="repeat", seed=s).name for s in (2, 3)]
+        assert all(name in records for name in seeds)
+    assert len(scaling) < len(sweep.scaling_runs(claim))  # the far rates did not run
+    longer = sorted(r["epochs"] for r in records.values() if r["part"] == "longer")
+    assert longer == [1.5 * claim.epochs, 2 * claim.epochs]
+    assert {r["method"] for r in records.values() if r["part"] == "longer"} == {"lars"}
+    assert sweep.sweep(claim, tmp_path / "runs", tmp_path / "results", FakeTrain()) == records
+    page = (tmp_path / "results" / "cifar10_claim.md").read_text()
+    assert "## Against the small-batch baseline" in page and "**partial**" not in page
+    # The baseline: 0.6 - 128 / 1e5 + e / 1000 + s / 100 at seeds 1-3; Nesterov at 4K is
+    # 0.6 - 4096 / 1e5 + ... : 4.096 - 0.128 = 3.97 points below it, with standard error
+    # sqrt(1 / 3 + 1 / 3) = 0.82 (both sd 1.00).
+    e = claim.epochs / 10
+    baseline = f"{60.87 + e:.2f} / {61.87 + e:.2f} / {62.87 + e:.2f} | {61.87 + e:.2f} ± 1.00 | - |"
+    assert baseline in page
+    assert "| alexnet_bn_small | Nesterov SGD + linear scaling + warm-up | 4096 |" in page
+    assert "| -3.97 ± 0.82 |" in page and "| +1.03 ± 0.82 |" in page  # Nesterov; LARS at 4K
+    for figure in ("accuracy_vs_batch", "accuracy_vs_lr", "accuracy_vs_epochs"):
+        assert (tmp_path / "results" / f"cifar10_claim_{figure}.png").stat().st_size > 1000

@@ -6,11 +6,12 @@
     .venv/bin/python tools/sweep.py --list               # the runs and their state
     .venv/bin/python tools/sweep.py --report_only        # tables and plots of what ran
 
-Each run is one `train.py` process (flag files `flags/cifar10_{sgd,sgd_warmup,lars}.cfg`
-plus the run's model, batch, learning rate, epochs, warm-up and seed) in its own directory
-under `--runs_dir`. A run is finished when its `results.json` exists, or when `train.py`
-exited 3 (the loss diverged: recorded, not retried); finished runs are never redone, and an
-interrupted run resumes from its checkpoint when the sweep is started again.
+Each run is one `train.py` process (flag files `flags/cifar10_{sgd,sgd_warmup,lars}.cfg`;
+Nesterov: `cifar10_sgd_warmup.cfg` with `--nesterov`; plus the run's model, batch, learning
+rate, epochs, warm-up and seed) in its own directory under `--runs_dir`. A run is finished
+when its `results.json` exists, or when `train.py` exited 3 (the loss diverged: recorded, not
+retried); finished runs are never redone, and an interrupted run resumes from its checkpoint
+when the sweep is started again.
 
 Order, so that partial results are useful early: the middle learning rate of every cell
 (method x batch) first; then the untried neighbours of each cell's best rate so far,
@@ -29,6 +30,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,12 +44,23 @@ from absl import app, flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-METHODS = ("sgd", "sgd_warmup", "lars")
+METHODS = ("sgd", "sgd_warmup", "lars", "nesterov")
 METHOD_TITLES = {
     "sgd": "SGD (baseline)",
     "sgd_warmup": "SGD + linear scaling + warm-up",
     "lars": "LARS + warm-up + poly(2)",
+    "nesterov": "Nesterov SGD + linear scaling + warm-up",
 }
+# train.py options of each method; "nesterov" is SGD + warm-up's recipe (rates, warm-up and
+# schedule) with Nesterov momentum (Nado et al. 2021, "A Large Batch Optimizer Reality Check").
+METHOD_FLAGS = {
+    "sgd": ("--flagfile=flags/cifar10_sgd.cfg",),
+    "sgd_warmup": ("--flagfile=flags/cifar10_sgd_warmup.cfg",),
+    "lars": ("--flagfile=flags/cifar10_lars.cfg",),
+    "nesterov": ("--flagfile=flags/cifar10_sgd_warmup.cfg", "--nesterov"),
+}
+# The methods whose rates scale linearly with the batch from the baseline's (`sgd_base_lrs`).
+LINEAR_SCALING = ("sgd_warmup", "nesterov")
 # The sweep's models: their train.py options by the name that labels their runs (CPU-friendly:
 # ungrouped convolutions). "alexnet_bn_small_bn_all" is the AlexNet twin with a batch norm
 # before fc6..fc8 too (`normalization="batch_norm_all"`, not in the paper): every layer but
@@ -59,6 +72,11 @@ MODEL_FLAGS = {
     "resnet20_cifar": ("--model=resnet20_cifar",),
     "resnet32_cifar": ("--model=resnet32_cifar",),
 }
+# The environment of every run: TensorFlow's oneDNN kernels on, also where a CPU's default
+# leaves them off (AMD EPYC); measured 1.5-2x the images/s of the twin's train step at batch
+# 128 on this machine's two cores (docs/results/README.md, the claim protocol). A value
+# already set in the environment wins.
+RUN_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "1"}
 # train.py's exit status when the loss diverged (any other failure is not a result).
 EXIT_DIVERGED = 3
 # CIFAR-10's chance top-1 is 0.10: a run at most 2 points above it learned nothing, and
@@ -93,6 +111,13 @@ class Protocol:
         longer: Train-longer runs (Table 5 of the paper): multiples of the epoch budget.
         bn_ablation: Whether to run LARS at the batch nearest 4096 once more, evaluated with
             the moving-average statistics instead of re-estimated ones.
+        largest_batch_methods: Further methods (`METHODS`) at the largest batch only, swept on
+            SGD + warm-up's rates.
+        repeat_baseline: Whether the baseline's best rate is repeated with `repeat_seeds` too,
+            so that each cell's gap to the baseline has a standard error.
+        fill_grid: Whether the rates further than one step from each cell's best run too,
+            after everything else; False: the sweep ends once every cell's best is bracketed
+            and repeated and the train-longer runs are done.
     """
 
     name: str
@@ -109,6 +134,9 @@ class Protocol:
     recalibration_images: int = 8192
     longer: tuple[float, ...] = (1.25, 1.5, 2.0)
     bn_ablation: bool = True
+    largest_batch_methods: tuple[str, ...] = ()
+    repeat_baseline: bool = False
+    fill_grid: bool = True
 
 
 PROTOCOLS = {
@@ -157,6 +185,30 @@ PROTOCOLS = {
             longer=(),
             bn_ablation=False,
         ),
+        # The paper's claim itself (issue 20): at the same number of epochs, a budget at which
+        # the baseline is near its plateau, does LARS at large batch reach the small-batch
+        # baseline where SGD + linear scaling + warm-up falls behind? And does a tuned
+        # Nesterov momentum at the largest batch match LARS (Nado et al. 2021)? The AlexNet
+        # twin only; the climb brackets each cell's best, then three seeds everywhere, the
+        # baseline included, so every gap to the baseline has a standard error. No far rates:
+        # they would not fit the 12-hour budget (docs/results/README.md).
+        Protocol(
+            name="claim",
+            models=("alexnet_bn_small",),
+            epochs=15,
+            baseline_batch=128,
+            batches=(1024, 2048, 4096),
+            baseline_lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
+            sgd_base_lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
+            lars_base_lrs=(5.0, 10.0, 20.0, 40.0, 80.0),
+            warmup_epochs=2,
+            repeat_seeds=(2, 3),
+            longer=(1.5, 2.0),
+            bn_ablation=False,
+            largest_batch_methods=("nesterov",),
+            repeat_baseline=True,
+            fill_grid=False,
+        ),
         Protocol(
             name="full",
             models=("alexnet_bn_small", "resnet20_cifar"),
@@ -201,7 +253,7 @@ class Run:
         if not self.recalibrate:
             recalibration = 0
         return [
-            f"--flagfile=flags/cifar10_{self.method}.cfg",
+            *METHOD_FLAGS[self.method],
             *MODEL_FLAGS.get(self.model, (f"--model={self.model}",)),
             f"--global_batch_size={self.batch}",
             f"--learning_rate={self.lr:g}",
@@ -217,16 +269,19 @@ def cell_lrs(protocol: Protocol, method: str, batch: int) -> list[float]:
     """The learning rates swept in one cell (peak rates, scaling applied)."""
     if method == "sgd":
         return list(protocol.baseline_lrs)
-    if method == "sgd_warmup":
+    if method in LINEAR_SCALING:
         return [round(r * batch / protocol.baseline_batch, 6) for r in protocol.sgd_base_lrs]
     return [float(f"{r * math.sqrt(batch / 1024):.3g}") for r in protocol.lars_base_lrs]
 
 
 def cells(protocol: Protocol, model: str) -> list[tuple[str, int]]:
-    """(method, batch) of every cell of one model: the baseline, then each large batch."""
-    return [("sgd", protocol.baseline_batch)] + [
-        (method, batch) for batch in protocol.batches for method in ("sgd_warmup", "lars")
-    ]
+    """(method, batch) of every cell of one model: the baseline, then each large batch (the
+    `largest_batch_methods` at the largest only)."""
+    result = [("sgd", protocol.baseline_batch)]
+    for batch in protocol.batches:
+        extra = protocol.largest_batch_methods if batch == max(protocol.batches) else ()
+        result += [(method, batch) for method in ("sgd_warmup", "lars", *extra)]
+    return result
 
 
 def scaling_runs(protocol: Protocol) -> list[Run]:
@@ -291,7 +346,9 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
             is_baseline = run.batch == protocol.baseline_batch
             (baseline_climb if is_baseline else large_climb).append(run)
         order += first + large_climb + [r for r in repeats if r.model == model]
-        order += [r for r in longer if r.model == model] + baseline_climb + rest + baseline_rest
+        order += [r for r in longer if r.model == model] + baseline_climb
+        if protocol.fill_grid:
+            order += rest + baseline_rest
     unique = {}
     for run in order:
         unique.setdefault(run.name, run)
@@ -348,13 +405,15 @@ def cell_runs(protocol: Protocol, model: str, method: str, batch: int, seed: int
 def repeat_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     """The best rate of each large-batch cell again with `repeat_seeds`, once that best is
     bracketed (`climb` has nothing left to try in the cell: both neighbouring rates ran, or
-    it sits at the grid's edge), largest batch first. The rest of the grid, further from the
+    it sits at the grid's edge), largest batch first, the baseline last (with
+    `repeat_baseline`). The rest of the grid, further from the
     best, runs after the repeats; should one of those runs beat the best, its rate is
     repeated too. Cells where every run failed get none."""
     runs = []
     for model in protocol.models:
-        _, *large = cells(protocol, model)
-        for method, batch in sorted(large, key=lambda c: -c[1]):
+        baseline, *large = cells(protocol, model)
+        repeated = sorted(large, key=lambda c: -c[1]) + [baseline] * protocol.repeat_baseline
+        for method, batch in repeated:
             best, untried = climb(
                 cell_runs(protocol, model, method, batch, protocol.seeds[0]), records
             )
@@ -423,6 +482,7 @@ def train_py(run: Run, protocol: Protocol, model_dir: Path, data_dir: Path) -> i
         return subprocess.call(
             [sys.executable, str(REPO_ROOT / "train.py"), *args],
             cwd=REPO_ROOT,
+            env={**RUN_ENVIRONMENT, **os.environ},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -580,18 +640,22 @@ def write_report(
     finished = sum(r["part"] == "scaling" for r in records.values())
     # Those at today's best rate: runs at an earlier best stay on disk and in the CSV.
     finished_longer = sum(r.name in records for r in longer_runs(protocol, records))
-    counts = f"{finished} of {len(planned)} batch-scaling runs"
+    if protocol.fill_grid:
+        counts = f"{finished} of {len(planned)} batch-scaling runs"
+        complete = finished == len(planned) and finished_longer == longer_planned
+    else:
+        counts = (
+            f"{finished} batch-scaling runs (the climb to each cell's best rate, of a grid of "
+            f"{len(planned)})"
+        )
+        complete = all(r.name in records for r in launch_order(protocol, records))
     if protocol.longer:
         counts += f" and {finished_longer} of {longer_planned} train-longer runs"
     lines = [
         f"# CIFAR-10 batch scaling, protocol `{protocol.name}` (generated by tools/sweep.py)",
         "",
         f"Runs finished: {counts}"
-        + (
-            "."
-            if finished == len(planned) and finished_longer == longer_planned
-            else " (**partial**: cells marked `not run` have no measurement yet)."
-        ),
+        + ("." if complete else " (**partial**: cells marked `not run` have no measurement yet)."),
         "",
         f"Models {', '.join(protocol.models)}; {protocol.epochs:g} epochs per run; baseline "
         f"batch {protocol.baseline_batch}; warm-up {protocol.warmup_epochs:g} epoch(s) for "
@@ -631,13 +695,16 @@ def write_report(
             lines.append(
                 f"- {model}, {METHOD_TITLES[method]}, batch {batch}: " + "; ".join(entries)
             )
+    stats = seed_stats(protocol, records, best_rows)
+    if protocol.repeat_baseline:
+        lines += _baseline_gap_section(protocol, records, stats)
     if protocol.repeat_seeds:
-        lines += _seed_section(protocol, records, best_rows)
+        lines += _seed_section(protocol, stats)
     if protocol.longer:
         lines += _longer_section(protocol, records, best_rows)
     if protocol.bn_ablation:
         lines += _bn_ablation_section(protocol, records)
-    plots = plot(protocol, records, best_rows, results_dir, stem)
+    plots = plot(protocol, records, best_rows, results_dir, stem, stats)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += [
@@ -714,62 +781,110 @@ def _bn_ablation_section(protocol: Protocol, records: dict[str, dict]) -> list[s
     )
 
 
-def _seed_section(protocol: Protocol, records: dict[str, dict], best_rows: list[dict]) -> list[str]:
-    """The repeats table: per model and large batch, each method's best rate over all seeds."""
+def seed_stats(
+    protocol: Protocol, records: dict[str, dict], best_rows: list[dict]
+) -> dict[tuple[str, str, int], dict]:
+    """Per (model, method, batch) with a best rate: that rate's top-1 at every seed (the
+    sweep's seed, then `repeat_seeds`; "not run" where missing, None where diverged) and, once
+    two or more seeds finished and none diverged, their mean and sample standard deviation
+    in % (else None)."""
     seeds = (protocol.seeds[0], *protocol.repeat_seeds)
+    stats = {}
+    for cell in best_rows:
+        if cell["best"] is None:
+            continue
+        best = Run(**{f.name: cell["best"][f.name] for f in dataclasses.fields(Run)})
+        values = []
+        for seed in seeds:
+            part = "scaling" if seed == seeds[0] else "repeat"
+            run = dataclasses.replace(best, part=part, seed=seed)
+            values.append(records[run.name]["top1"] if run.name in records else "not run")
+        done = [v for v in values if v != "not run"]
+        mean = sd = None
+        if len(done) > 1 and None not in done:
+            mean, sd = 100 * statistics.mean(done), 100 * statistics.stdev(done)
+        stats[cell["model"], cell["method"], cell["batch"]] = dict(
+            lr=best.lr, values=values, n=len(done), mean=mean, sd=sd, step=cell["best"]["step"]
+        )
+    return stats
+
+
+def _per_seed(values: list) -> str:
+    return " / ".join(v if v == "not run" else _percent(v) for v in values)
+
+
+def _difference(a: dict, b: dict) -> str:
+    """a's mean minus b's ± the standard error of a difference of two independent means."""
+    error = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+    return f"{a['mean'] - b['mean']:+.2f} ± {error:.2f}"
+
+
+def _seed_section(protocol: Protocol, stats: dict[tuple[str, str, int], dict]) -> list[str]:
+    """The repeats table: per model and large batch, each method's best rate over all seeds."""
     lines = [
         "",
         "## Seeds: each large-batch cell's best rate repeated",
         "",
-        f"The best rate of each cell (seed {seeds[0]}, the sweep above) run again with seeds "
-        f"{', '.join(str(s) for s in protocol.repeat_seeds)}. Top-1 per seed, mean and sample "
-        "standard deviation; the last column is LARS's mean minus SGD's, with the standard "
-        "error of that difference, sqrt(sd_LARS² / n + sd_SGD² / n): a difference of less "
-        "than about two standard errors cannot be told from seed-to-seed noise.",
+        f"The best rate of each cell (seed {protocol.seeds[0]}, the sweep above) run again with "
+        f"seeds {', '.join(str(s) for s in protocol.repeat_seeds)}. Top-1 per seed, mean and "
+        "sample standard deviation; the last column is LARS's mean minus SGD's, with the "
+        "standard error of that difference, sqrt(sd_LARS² / n + sd_SGD² / n): a difference of "
+        "less than about two standard errors cannot be told from seed-to-seed noise.",
         "",
     ]
     rows = []
     for model in protocol.models:
         for batch in protocol.batches:
-            row, means = [model, batch], {}
+            row = [model, batch]
             for method in ("sgd_warmup", "lars"):
-                cell = next(
-                    b
-                    for b in best_rows
-                    if (b["model"], b["method"], b["batch"]) == (model, method, batch)
-                )
-                if cell["best"] is None:
+                cell = stats.get((model, method, batch))
+                if cell is None:
                     row += ["-", "not run", "-"]
                     continue
-                best = cell["best"]
-                values = []
-                for seed in seeds:
-                    run = Run(
-                        "scaling" if seed == seeds[0] else "repeat", model, method, batch,
-                        best["lr"], protocol.epochs, protocol.warmup_epochs, seed,
-                    )  # fmt: skip
-                    values.append(records[run.name]["top1"] if run.name in records else "not run")
-                done = [v for v in values if v != "not run"]
-                row += [f"{best['lr']:g}", " / ".join(
-                    v if v == "not run" else _percent(v) for v in values
-                )]  # fmt: skip
-                if len(done) > 1 and None not in done:
-                    mean, sd = 100 * statistics.mean(done), 100 * statistics.stdev(done)
-                    row.append(f"{mean:.2f} ± {sd:.2f}")
-                    means[method] = (mean, sd**2 / len(done))
-                else:
-                    row.append("-")
-            if len(means) == 2:
-                (lars, lars_var), (sgd, sgd_var) = means["lars"], means["sgd_warmup"]
-                # The standard error of a difference of two independent means.
-                row.append(f"{lars - sgd:+.2f} ± {math.sqrt(lars_var + sgd_var):.2f}")
-            else:
-                row.append("-")
+                mean = "-" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['sd']:.2f}"
+                row += [f"{cell['lr']:g}", _per_seed(cell["values"]), mean]
+            lars, sgd = stats.get((model, "lars", batch)), stats.get((model, "sgd_warmup", batch))
+            measured = lars and sgd and lars["mean"] is not None and sgd["mean"] is not None
+            row.append(_difference(lars, sgd) if measured else "-")
             rows.append(row)
     headers = ["model", "batch"]
     for title in ("SGD + warm-up", "LARS"):
         headers += [f"{title}: LR", f"{title}: top-1 per seed", f"{title}: mean ± sd"]
     return lines + _table([*headers, "LARS - SGD ± standard error"], rows)
+
+
+def _baseline_gap_section(
+    protocol: Protocol, records: dict[str, dict], stats: dict[tuple[str, str, int], dict]
+) -> list[str]:
+    """The claim's table: every cell's best rate over all seeds against the baseline's."""
+    lines = [
+        "",
+        "## Against the small-batch baseline: each cell's best rate over all seeds",
+        "",
+        f"Every cell's best rate (seed {protocol.seeds[0]}) run again with seeds "
+        f"{', '.join(str(s) for s in protocol.repeat_seeds)}, the baseline's too. Top-1 per "
+        "seed, mean and sample standard deviation, and the cell's mean minus the baseline's "
+        f"(batch {protocol.baseline_batch}) with the standard error of that difference, "
+        "sqrt(sd² / n + sd_base² / n_base): the paper's claim is a gap of about zero at the "
+        "same number of epochs.",
+        "",
+    ]
+    rows = []
+    for model in protocol.models:
+        baseline = stats.get((model, "sgd", protocol.baseline_batch))
+        for method, batch in cells(protocol, model):
+            cell = stats.get((model, method, batch))
+            row = [model, METHOD_TITLES[method], batch]
+            if cell is None:
+                rows.append(row + ["-", "-", "not run", "-", "-"])
+                continue
+            measured = cell["mean"] is not None and baseline and baseline["mean"] is not None
+            gap = _difference(cell, baseline) if measured and method != "sgd" else "-"
+            mean = "-" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['sd']:.2f}"
+            updates = "-" if cell["step"] is None else f"{cell['step']:,}"
+            rows.append(row + [updates, f"{cell['lr']:g}", _per_seed(cell["values"]), mean, gap])
+    headers = ["model", "method", "batch", "updates", "LR", "top-1 per seed", "mean ± sd"]
+    return lines + _table([*headers, "gap to baseline ± standard error"], rows)
 
 
 def plot(
@@ -778,16 +893,19 @@ def plot(
     best_rows: list[dict],
     results_dir: Path,
     stem: str,
+    stats: dict[tuple[str, str, int], dict] | None = None,
 ) -> list[Path]:
     """Top-1 against batch per method and model, against the learning rate per cell, against
-    the epoch budget. Returns the files written (none without measurements)."""
+    the epoch budget. With `stats` (`seed_stats`) and `repeat_baseline`, the batch plot shows
+    the mean over seeds with error bars. Returns the files written (none without
+    measurements)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     figures = [
-        ("accuracy_vs_batch", _plot_vs_batch(plt, protocol, best_rows)),
+        ("accuracy_vs_batch", _plot_vs_batch(plt, protocol, best_rows, stats)),
         ("accuracy_vs_lr", _plot_vs_lr(plt, protocol, records)),
         ("accuracy_vs_epochs", _plot_vs_epochs(plt, protocol, records, best_rows)),
     ]
@@ -803,33 +921,55 @@ def plot(
     return written
 
 
-def _plot_vs_batch(plt, protocol: Protocol, best_rows: list[dict]):
+def _plot_vs_batch(plt, protocol: Protocol, best_rows: list[dict], stats=None):
+    """Best top-1 (seed 1) per cell; with `stats` and `repeat_baseline`, the mean over the
+    seeds with ± 1 sd error bars where two or more seeds finished (else seed 1, no bar)."""
     measured = [b for b in best_rows if b["best"] is not None]
     if not measured:
         return None
+    seeded = bool(stats) and protocol.repeat_baseline
     figure, axes = plt.subplots(
         1, len(protocol.models), figsize=(5 * len(protocol.models), 4), squeeze=False
     )
+    markers = {"sgd_warmup": "s", "lars": "o", "nesterov": "^"}
     for axis, model in zip(axes[0], protocol.models, strict=True):
-        baseline = [b for b in measured if b["model"] == model and b["method"] == "sgd"]
-        for method, marker in (("sgd_warmup", "s"), ("lars", "o")):
-            points = [
-                (b["batch"], 100 * b["best"]["top1"])
-                for b in measured
-                if b["model"] == model and b["method"] == method
-            ]
-            if points:
-                axis.plot(*zip(*points, strict=True), marker=marker, label=METHOD_TITLES[method])
+        point = {}
+        for b in measured:
+            if b["model"] != model:
+                continue
+            cell = stats.get((model, b["method"], b["batch"])) if seeded else None
+            if cell is not None and cell["mean"] is not None:
+                point[b["method"], b["batch"]] = (cell["mean"], cell["sd"])
+            else:
+                point[b["method"], b["batch"]] = (100 * b["best"]["top1"], 0.0)
+        for method in ("sgd_warmup", "lars", *protocol.largest_batch_methods):
+            xs = sorted(batch for m, batch in point if m == method)
+            if xs:
+                axis.errorbar(
+                    xs,
+                    [point[method, x][0] for x in xs],
+                    yerr=[point[method, x][1] for x in xs] if seeded else None,
+                    marker=markers.get(method, "D"),
+                    capsize=3,
+                    label=METHOD_TITLES[method],
+                )
+        baseline = point.get(("sgd", protocol.baseline_batch))
         if baseline:
             axis.axhline(
-                100 * baseline[0]["best"]["top1"],
+                baseline[0],
                 color="gray",
                 linestyle="--",
                 label=f"SGD, batch {protocol.baseline_batch}",
             )
+            if seeded and baseline[1]:
+                axis.axhspan(
+                    baseline[0] - baseline[1], baseline[0] + baseline[1], color="gray", alpha=0.2
+                )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("batch size")
-        axis.set_ylabel("test top-1 (%), best LR")
+        axis.set_ylabel(
+            "test top-1 (%), best LR: mean ± sd over seeds" if seeded else "test top-1 (%), best LR"
+        )
         axis.set_title(f"{model}, {protocol.epochs:g} epochs")
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:  # a model with no finished run yet has none
@@ -842,7 +982,7 @@ def base_rate(protocol: Protocol, method: str, batch: int, lr: float) -> float:
     for LARS (see `Protocol`), so that every batch of a method shares one axis."""
     if method == "lars":
         return lr / math.sqrt(batch / 1024)
-    if method == "sgd_warmup":
+    if method in LINEAR_SCALING:
         return lr * protocol.baseline_batch / batch
     return lr
 
@@ -854,6 +994,7 @@ def _plot_vs_lr(plt, protocol: Protocol, records: dict[str, dict]):
     if not scaling:
         return None
     panels = [("sgd_warmup", "SGD + linear scaling + warm-up (batch 128: baseline)"), ("lars", "")]
+    panels += [(method, "") for method in protocol.largest_batch_methods]
     figure, axes = plt.subplots(
         len(protocol.models),
         len(panels),
@@ -894,16 +1035,16 @@ def _plot_vs_lr(plt, protocol: Protocol, records: dict[str, dict]):
                 if diverged:
                     axis.plot(diverged, [0] * len(diverged), "x", color=colors[batch], ms=9)
             axis.set_xscale("log")
-            grid = protocol.sgd_base_lrs if method == "sgd_warmup" else protocol.lars_base_lrs
+            grid = protocol.lars_base_lrs if method == "lars" else protocol.sgd_base_lrs
             if method == "sgd_warmup":
                 grid = sorted({*grid, *protocol.baseline_lrs})
             axis.set_xticks(grid, labels=[f"{r:g}" for r in grid])
             axis.minorticks_off()
             axis.set_xlim(min(grid) / 1.25, max(grid) * 1.25)
             axis.set_xlabel(
-                "rate per 128 images (LR x 128 / batch)"
-                if method == "sgd_warmup"
-                else "rate at batch 1024 (LR / sqrt(batch / 1024))"
+                "rate at batch 1024 (LR / sqrt(batch / 1024))"
+                if method == "lars"
+                else "rate per 128 images (LR x 128 / batch)"
             )
             axis.set_ylabel("test top-1 (%)")
             axis.set_title(f"{model}: {title or METHOD_TITLES[method]}", fontsize=9)
@@ -939,6 +1080,14 @@ def _plot_vs_epochs(plt, protocol: Protocol, records: dict[str, dict], best_rows
         points = [(r.epochs, 100 * records[r.name]["top1"]) for r in longer if r.model == model]
         points.append((protocol.epochs, 100 * cell["best"]["top1"]))
         axis.plot(*zip(*sorted(points), strict=True), marker="o", label=model)
+        baseline = next((b for b in measured if (b["model"], b["method"]) == (model, "sgd")), None)
+        if baseline is not None:
+            axis.axhline(
+                100 * baseline["best"]["top1"],
+                color="gray",
+                linestyle="--",
+                label=f"{model}: SGD, batch {protocol.baseline_batch}, {protocol.epochs:g} epochs",
+            )
     axis.set_xlabel("epochs")
     axis.set_ylabel("test top-1 (%)")
     axis.set_title(f"LARS, batch {batch}: longer training")
