@@ -12,14 +12,18 @@ without XLA on CPUs and there every `keras.ops` call would be a pass over the te
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
 from keras import ops
+
+from lars_tf import keras_internals
 
 STATISTICS = ("local_lr", "weight_norm", "grad_norm")
 
@@ -155,12 +159,40 @@ def lars_update(
     return update, new_velocity
 
 
-def _is_bn_or_bias(variable: Any) -> bool:
-    # Biases and the scale/offset of normalization layers are the rank <= 1 trainable variables
-    # of a CNN, so rank is the rule (optax's usual `ndim > 1` mask, MLPerf's exclusion set). A
-    # Keras variable holds no reference to its layer, and names can be anything; the rank
-    # catches a BatchNormalization's gamma and beta however its layer was named.
-    return len(variable.shape) <= 1
+# Keras' normalization layers, by name (some exist in newer Keras releases only).
+_NORMALIZATION_LAYERS = tuple(
+    cls
+    for name in (
+        "BatchNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "RMSNormalization",
+        "UnitNormalization",
+    )
+    if (cls := getattr(keras.layers, name, None)) is not None
+)
+
+
+def normalization_variable_ids() -> set[int]:
+    """`id()` of every variable of a normalization layer alive in this process.
+
+    A Keras variable holds no reference to its layer, and neither its name ("gamma" is also
+    ConvNeXt's layer scale) nor its rank (rank 1 is also a layer scale or a learned
+    temperature) says that it belongs to one. Layers do hold their variables, so the owners
+    are found from the layers' side: the live objects of Keras' normalization classes (and
+    their subclasses). One pass over the interpreter's objects, when an optimizer is built.
+    """
+    ids: set[int] = set()
+    for obj in gc.get_objects():
+        if isinstance(obj, _NORMALIZATION_LAYERS):
+            ids.update(id(v) for v in obj.weights)
+    return ids
+
+
+def _is_bias(variable: Any) -> bool:
+    # Keras names the bias of every layer that has one (Dense, EinsumDense, the convolutions)
+    # "bias"; a normalization layer's offset is "beta" and is caught by its layer instead.
+    return variable.name == "bias"
 
 
 def _validate_patterns(patterns: Sequence[str] | None, argument: str) -> list[str] | None:
@@ -186,6 +218,9 @@ def _validate_patterns(patterns: Sequence[str] | None, argument: str) -> list[st
 
 
 def _matches(patterns: Sequence[str] | None, variable: Any) -> bool:
+    # Searched in the path ("conv1/kernel") and in the name ("kernel"), so that both a
+    # substring of the path and an anchored name ("^kernel$") work, for LARS's own patterns
+    # and for Keras' `exclude_from_weight_decay(var_names=...)` alike.
     if not patterns:
         return False
     names = {getattr(variable, "path", variable.name), variable.name}
@@ -202,7 +237,7 @@ def _number(value: Any, argument: str, *, minimum: float, strict: bool = False) 
 
 
 @keras.saving.register_keras_serializable(package="lars_tf")
-class LARS(keras.optimizers.Optimizer):
+class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
     """Layer-wise Adaptive Rate Scaling (LARS), the rule of You, Gitman and Ginsburg (2017).
 
     Each variable (one "layer": a kernel and its bias each count as one) gets its own local
@@ -239,13 +274,19 @@ class LARS(keras.optimizers.Optimizer):
 
     Exclusions are decided once per variable when the optimizer is built. A pattern is a
     regular expression searched (`re.search`, so a plain substring such as `"bias"` works) in
-    the variable's `path` (e.g. `"conv1/kernel"`) and in its `name`. A variable excluded from
-    weight decay gets `beta = 0`, in the update and in the local LR; one excluded from layer
-    adaptation gets `local_lr = 1` (plain momentum SGD on it). `exclude_bn_and_bias=True`
-    excludes every variable of rank <= 1 (biases and the scale/offset of batch-norm and other
-    normalization layers) from both, as MLPerf's ResNet-50 LARS does. Keras' own method
-    `exclude_from_weight_decay(var_list=..., var_names=...)` is honoured too, if called before
-    the optimizer is built.
+    the variable's `path` (e.g. `"conv1/kernel"`) and in its `name` (`"kernel"`, so `"^kernel$"`
+    works too); patterns given to Keras' method `exclude_from_weight_decay(var_names=...)` mean
+    the same (Keras' own optimizers search the name only), and its `var_list=` (variable
+    objects) is honoured too, if called before the optimizer is built. A variable excluded
+    from weight decay gets `beta = 0`, in the update and in the local LR; one excluded from
+    layer adaptation gets `local_lr = 1` (plain momentum SGD on it).
+    `exclude_bn_and_bias=True` excludes from both, as MLPerf's ResNet-50 LARS does, exactly
+    the biases (the variables Keras' layers name `bias`) and the variables of normalization
+    layers (`BatchNormalization`, `LayerNormalization`, `GroupNormalization`,
+    `RMSNormalization` and their subclasses), whatever their names; other rank-1 variables,
+    such as ConvNeXt's layer scale, are adapted and decayed. Each variable's layer is found
+    when the optimizer is built, among the layers alive then (see
+    `normalization_variable_ids`).
 
     For logging, `layer_statistics()` returns, per variable, the local LR, `||w||` and `||g||`
     computed in the last update (with the gradient as LARS saw it: after loss-scale unscaling,
@@ -275,7 +316,8 @@ class LARS(keras.optimizers.Optimizer):
         nesterov: Use Nesterov momentum.
         exclude_from_weight_decay: Patterns of variables that get `beta = 0`.
         exclude_from_layer_adaptation: Patterns of variables that get `local_lr = 1`.
-        exclude_bn_and_bias: Exclude every rank <= 1 variable from decay and adaptation.
+        exclude_bn_and_bias: Exclude biases and normalization layers' variables from decay
+            and adaptation.
         decay_in_norm: Use rule G's local LR (decay folded into the gradient norm).
         lr_outside_momentum: Use rule P' (global LR applied outside the momentum buffer).
         clip_local_lr: Clip the local LR at 1 (LARC clipping).
@@ -357,27 +399,29 @@ class LARS(keras.optimizers.Optimizer):
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Keras' method: exclude variables (objects or name patterns) from weight decay.
 
-        Adds to the constructor's `exclude_from_weight_decay` patterns; must be called before
-        the optimizer is built, since exclusions are decided at build time.
+        `var_names` are patterns with the same meaning as the constructor's
+        `exclude_from_weight_decay` (searched in the path and the name; Keras' own optimizers
+        search the name only) and are added to them. Must be called before the optimizer is
+        built, since exclusions are decided at build time.
         """
         if self.built:
             raise ValueError(
                 "`exclude_from_weight_decay()` must be called before the optimizer is built."
             )
-        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        if var_names is not None:
+            patterns = _validate_patterns(var_names, "var_names") or []
+            self._weight_decay_exclusions = (self._weight_decay_exclusions or []) + patterns
+        if var_list is not None:
+            super().exclude_from_weight_decay(var_list=var_list)
 
-    def _decays(self, variable: Any) -> bool:
-        if self.exclude_bn_and_bias and _is_bn_or_bias(variable):
+    def _decays(self, variable: Any, bn_or_bias: bool) -> bool:
+        if bn_or_bias or _matches(self._weight_decay_exclusions, variable):
             return False
-        if _matches(self._weight_decay_exclusions, variable):
-            return False
-        # The base class's record of `exclude_from_weight_decay(var_list, var_names)` calls.
-        return self._use_weight_decay(variable)
+        # The base class's record of `exclude_from_weight_decay(var_list=...)` calls.
+        return keras_internals.uses_weight_decay(self, variable)
 
-    def _adapts(self, variable: Any) -> bool:
-        if self.exclude_bn_and_bias and _is_bn_or_bias(variable):
-            return False
-        return not _matches(self._adaptation_exclusions, variable)
+    def _adapts(self, variable: Any, bn_or_bias: bool) -> bool:
+        return not bn_or_bias and not _matches(self._adaptation_exclusions, variable)
 
     def build(self, variables):
         """Create the momentum buffers and the per-variable statistics, and fix exclusions.
@@ -391,27 +435,48 @@ class LARS(keras.optimizers.Optimizer):
         self.momentums = []
         if self.momentum != 0:
             self.momentums = self.add_optimizer_variables(variables, "momentum")
-        self._apply_decay = [self.coupled_weight_decay > 0 and self._decays(v) for v in variables]
-        self._apply_adaptation = [self._adapts(v) for v in variables]
+        normalization = normalization_variable_ids() if self.exclude_bn_and_bias else set()
+        excluded = [
+            self.exclude_bn_and_bias and (_is_bias(v) or id(v) in normalization) for v in variables
+        ]
+        self._apply_decay = [
+            self.coupled_weight_decay > 0 and self._decays(v, bn_or_bias)
+            for v, bn_or_bias in zip(variables, excluded, strict=True)
+        ]
+        self._apply_adaptation = [
+            self._adapts(v, bn_or_bias) for v, bn_or_bias in zip(variables, excluded, strict=True)
+        ]
         self._statistic_paths = [getattr(v, "path", v.name) for v in variables]
-        self._has_statistics = [not self._overwrite_variable_with_gradient(v) for v in variables]
+        self._has_statistics = [
+            not keras_internals.overwrites_with_gradient(self, v) for v in variables
+        ]
         # Row i: (local_lr, ||w||, ||g||) of variable i in the last update, zeros before it.
         self._statistics = self.add_variable(
             shape=(len(variables), len(STATISTICS)), dtype="float32", name="layer_statistics"
         )
 
-    def _get_current_learning_rate(self):
+    def _scheduled_learning_rate(self):
         # Keras evaluates a schedule at its micro-batch counter (`_iterations`), so with
         # `gradient_accumulation_steps=k` update u would get `schedule(u * k + k - 1)` and the
         # warm-up would end k times too early. LARS counts updates (`iterations`), as the
         # paper's schedules (and Caffe's `iter_size`) do.
-        if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-            return self._learning_rate(self.iterations)
-        return super()._get_current_learning_rate()
+        schedule = keras_internals.learning_rate_value(self)
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            return schedule(self.iterations)
+        return keras_internals.base_learning_rate(self)
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    def _update_all(self, grads, trainable_variables, learning_rate):
+        # `update_step` of every variable, then their statistics in one write. On TensorFlow
+        # the statistics are collected in `_tf_update_replicas`, which the base class calls in
+        # the one thread that updates every replica; elsewhere the loop is single-threaded.
+        if keras.backend.backend() != "tensorflow":
+            with self._collecting_statistics():
+                keras_internals.update_each_variable(
+                    self, grads, trainable_variables, learning_rate
+                )
+            return
         if not self._compiles_update():
-            self._update_variables(grads, trainable_variables, learning_rate)
+            keras_internals.update_each_variable(self, grads, trainable_variables, learning_rate)
             return
         import tensorflow as tf  # the backend is TensorFlow here
 
@@ -419,12 +484,21 @@ class LARS(keras.optimizers.Optimizer):
         if key not in self._xla_updates:
             variables = list(trainable_variables)
             self._xla_updates[key] = tf.function(
-                lambda g, lr: self._update_variables(g, variables, lr),
+                lambda g, lr: keras_internals.update_each_variable(self, g, variables, lr),
                 jit_compile=True,
                 autograph=False,
             )
         # A Keras variable (a float learning rate) is no tf.function argument; its value is.
         self._xla_updates[key](list(grads), tf.identity(learning_rate))
+
+    def _tf_update_replicas(self, distribution, grads_and_vars, learning_rate):
+        # TensorFlow only, once per update, in cross-replica context under a strategy: the
+        # replicas' threads wait here, so the statistics buffer is not shared between threads.
+        # Each replica's update writes the same row (the gradients are all-reduced), so the
+        # table holds the job's values; assigned in cross-replica context, every replica's
+        # copy of the statistics variable receives it.
+        with self._collecting_statistics():
+            keras_internals.update_replicas(self, distribution, grads_and_vars, learning_rate)
 
     def _compiles_update(self) -> bool:
         if not self.jit_compile or keras.backend.backend() != "tensorflow":
@@ -433,11 +507,12 @@ class LARS(keras.optimizers.Optimizer):
 
         return not tf.distribute.has_strategy()
 
-    def _update_variables(self, grads, trainable_variables, learning_rate):
-        # `update_step` of every variable (Keras' loop), then their statistics in one write.
+    @contextlib.contextmanager
+    def _collecting_statistics(self) -> Iterator[None]:
+        # `update_step` of variable i puts its row at key i; one write of the table follows.
         _set_plain(self, "_pending_statistics", {})
         try:
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
+            yield
             rows = self._pending_statistics
         finally:
             _set_plain(self, "_pending_statistics", None)
@@ -450,7 +525,7 @@ class LARS(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """Apply one LARS step to `variable`."""
-        index = self._get_variable_index(variable)
+        index = keras_internals.variable_index(self, variable)
         # Norms of float16/bfloat16 variables overflow or lose precision: compute in float32.
         is_float64 = keras.backend.standardize_dtype(variable.dtype) == "float64"
         dtype = "float64" if is_float64 else "float32"

@@ -1,0 +1,202 @@
+"""Every use of Keras' private API in lars_tf, in one place.
+
+Keras 3 gives an optimizer subclass no public way to change how the learning rate is read or
+how the per-variable updates are driven, and a Keras variable holds no reference to its
+layer. lars_tf needs each of these, so it relies on a few private methods; they are named
+only here. `HOOKS` lists them, and `tests/test_keras_internals.py` checks, per hook, that the
+installed Keras still has it with the same parameters, failing with the hook's name and the
+Keras version when a release changes it. The Keras range these were tested with is the one
+`setup.cfg` requires.
+
+- `OptimizerHooks` is the mixin through which `LARS` overrides Keras' private optimizer
+  methods: each override forwards to a LARS method with its own name, so the optimizer's code
+  reads without knowing Keras' internals.
+- `update_each_variable`, `uses_weight_decay`, `variable_index`, `overwrites_with_gradient`,
+  `learning_rate_value` call or read the base class's private members.
+- `override_instance_method` replaces a method of one optimizer object (the Horovod layer's
+  all-reduce before clipping, the agreed finiteness check under loss scaling).
+- `flatten_layers` lists a layer's sublayers, nested ones included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """One private member of Keras that lars_tf relies on.
+
+    Attributes:
+        owner: Where it is defined: "optimizer" (`keras.optimizers.Optimizer`),
+            "tf_optimizer" (the TensorFlow backend's optimizer base class, TensorFlow only),
+            "loss_scale_optimizer" (`keras.optimizers.LossScaleOptimizer`) or "layer"
+            (`keras.layers.Layer`).
+        name: The member's name.
+        parameters: Its parameters after `self`, or None for an attribute that is not called.
+        why: What lars_tf uses it for.
+    """
+
+    owner: str
+    name: str
+    parameters: tuple[str, ...] | None
+    why: str
+
+
+HOOKS = (
+    Hook(
+        "optimizer",
+        "_backend_update_step",
+        ("grads", "trainable_variables", "learning_rate"),
+        "LARS drives the per-variable updates itself (one XLA computation, one statistics "
+        "write per update)",
+    ),
+    Hook(
+        "tf_optimizer",
+        "_distributed_tf_update_step",
+        ("distribution", "grads_and_vars", "learning_rate"),
+        "the one thread in which every replica's variables are updated under tf.distribute, "
+        "where LARS collects its per-variable statistics",
+    ),
+    Hook(
+        "optimizer",
+        "_get_current_learning_rate",
+        (),
+        "LARS evaluates a schedule at the update counter, not the micro-batch counter",
+    ),
+    Hook("optimizer", "_learning_rate", None, "the schedule or variable given as learning_rate"),
+    Hook(
+        "optimizer",
+        "_use_weight_decay",
+        ("variable",),
+        "honours Keras' exclude_from_weight_decay(var_list=...)",
+    ),
+    Hook(
+        "optimizer",
+        "_get_variable_index",
+        ("variable",),
+        "the slot (momentum buffer, statistics row) of a variable, as Keras' own optimizers do",
+    ),
+    Hook(
+        "optimizer",
+        "_overwrite_variable_with_gradient",
+        ("variable",),
+        "float8 scale variables are overwritten by Keras, not updated: no statistics row",
+    ),
+    Hook(
+        "optimizer",
+        "_clip_gradients",
+        ("grads",),
+        "runs once per update, after unscaling and before clipping: where Horovod averages",
+    ),
+    Hook(
+        "loss_scale_optimizer",
+        "check_finite",
+        ("grads",),
+        "the skip-the-step decision, agreed between Horovod workers",
+    ),
+    Hook(
+        "layer",
+        "_flatten_layers",
+        ("include_self", "recursive"),
+        "every sublayer of a model, nested ones included (batch-norm recalibration)",
+    ),
+)
+
+
+def owner_class(owner: str) -> type | None:
+    """The Keras class `owner` names (see `Hook.owner`); None for "tf_optimizer" on other
+    backends."""
+    if owner == "optimizer":
+        return keras.optimizers.Optimizer
+    if owner == "loss_scale_optimizer":
+        return keras.optimizers.LossScaleOptimizer
+    if owner == "layer":
+        return keras.layers.Layer
+    if owner == "tf_optimizer":
+        if keras.backend.backend() != "tensorflow":
+            return None
+        from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+        return TFOptimizer
+    raise ValueError(f"unknown hook owner {owner!r}")
+
+
+class OptimizerHooks:
+    """Keras' private optimizer methods that `LARS` overrides, each forwarded to LARS.
+
+    Put it before `keras.optimizers.Optimizer` in the bases. The forwarded-to methods are
+    `_scheduled_learning_rate()`, `_update_all(grads, variables, learning_rate)` and
+    `_tf_update_replicas(distribution, grads_and_vars, learning_rate)`.
+    """
+
+    def _get_current_learning_rate(self):
+        return self._scheduled_learning_rate()
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        self._update_all(grads, trainable_variables, learning_rate)
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        # TensorFlow backend only: called once per update in cross-replica context (or
+        # directly without a strategy), with the all-reduced gradients of every replica.
+        self._tf_update_replicas(distribution, grads_and_vars, learning_rate)
+
+
+def update_each_variable(optimizer: Any, grads: Any, variables: Any, learning_rate: Any) -> None:
+    """The base class's update of every variable: `update_step` per variable. On TensorFlow
+    this sums the gradients over the replicas of a `tf.distribute` strategy and calls
+    `_distributed_tf_update_step` (see `OptimizerHooks`) in cross-replica context."""
+    super(OptimizerHooks, optimizer)._backend_update_step(grads, variables, learning_rate)
+
+
+def update_replicas(optimizer: Any, distribution: Any, grads_and_vars: Any, lr: Any) -> None:
+    """The TensorFlow base class's `update_step` of every variable on every replica."""
+    super(OptimizerHooks, optimizer)._distributed_tf_update_step(distribution, grads_and_vars, lr)
+
+
+def base_learning_rate(optimizer: Any) -> Any:
+    """The base class's current learning rate (a float's variable, or a schedule evaluated at
+    its micro-batch counter)."""
+    return super(OptimizerHooks, optimizer)._get_current_learning_rate()
+
+
+def learning_rate_value(optimizer: keras.optimizers.Optimizer) -> Any:
+    """What was given as `learning_rate`: a schedule, or the variable that holds a float."""
+    return optimizer._learning_rate
+
+
+def uses_weight_decay(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    """False for variables excluded with Keras' `exclude_from_weight_decay(var_list=...)`."""
+    return optimizer._use_weight_decay(variable)
+
+
+def variable_index(optimizer: keras.optimizers.Optimizer, variable: Any) -> int:
+    """The position of `variable` among the variables the optimizer was built on."""
+    return optimizer._get_variable_index(variable)
+
+
+def overwrites_with_gradient(optimizer: keras.optimizers.Optimizer, variable: Any) -> bool:
+    """Whether Keras overwrites `variable` with its gradient instead of updating it."""
+    return optimizer._overwrite_variable_with_gradient(variable)
+
+
+def override_instance_method(obj: Any, name: str, method: Callable[..., Any]) -> None:
+    """Replace the method `name` of the object `obj` alone by `method(obj, ...)`.
+
+    The original stays reachable as `type(obj).<name>`. The attribute is set past Keras'
+    tracker and TensorFlow's dependency tracking: a bound method is neither state to
+    checkpoint nor configuration to serialize.
+    """
+    if name not in {hook.name for hook in HOOKS}:
+        raise ValueError(f"{name!r} is not one of the Keras hooks listed in HOOKS")
+    object.__setattr__(obj, name, types.MethodType(method, obj))
+
+
+def flatten_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """`layer` and every layer nested in it, depth first."""
+    return list(layer._flatten_layers(include_self=True, recursive=True))
