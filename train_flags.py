@@ -308,7 +308,11 @@ def define_system_flags(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_bool(
-        "fp16_allreduce", False, "Send gradients as float16 in the all-reduce.", flag_values=fv
+        "fp16_allreduce",
+        False,
+        "Send gradients as float16 in the all-reduce (half the traffic), each scaled by a "
+        "power of two the workers agree on so that small gradients keep float16's precision.",
+        flag_values=fv,
     )
     flags.DEFINE_integer(
         "threads_per_worker",

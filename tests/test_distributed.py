@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from lars_tf import distributed
 from lars_tf.optimizer import LARS
@@ -102,6 +103,62 @@ def test_compression_is_validated():
         distributed.distribute_optimizer("lars")
 
 
+# --fp16_allreduce: scaled by an agreed power of two, so small gradients survive float16.
+
+
+def test_power_of_two_is_exact_over_the_normal_float32_range():
+    exponents = np.arange(-126, 128, dtype=np.int32)
+    np.testing.assert_array_equal(
+        distributed.power_of_two(exponents).numpy(), np.ldexp(np.float32(1.0), exponents)
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8, 1000])
+def test_fp16_scale_puts_the_sum_of_the_largest_elements_just_below_2_to_15(workers):
+    max_abs = np.array(
+        [1e-30, 6e-8, 1e-7, 3.3e-6, 0.25, 1.0, 1.5, 3e4, 65504.0, 1e9, 1e20], np.float32
+    )
+    k = distributed.fp16_scale_exponents(max_abs, workers).numpy()
+    assert k.dtype == np.int32
+    scaled = workers * max_abs.astype(np.float64) * np.ldexp(1.0, k)
+    # At most 2**15 (a float16 sum over the workers cannot overflow), and one more doubling
+    # would pass it: the largest element uses the top of float16's range.
+    assert np.all(scaled <= 2.0**15) and np.all(2 * scaled > 2.0**15), scaled
+    # Exactly 2**15 when the bound is a power of two.
+    assert distributed.fp16_scale_exponents(np.float32([2.0**-20]), 1).numpy()[0] == 35
+
+
+def test_fp16_scale_leaves_zero_and_non_finite_tensors_unscaled_and_clips():
+    special = np.float32([0.0, np.inf, -np.inf, np.nan, 1e-37, 3e38])
+    k = distributed.fp16_scale_exponents(special, 2).numpy()
+    # 2e-37 would take 2**136: the scale stops at 2**126, whose inverse is a normal float32;
+    # 2 x 3e38 overflows float32 but not the float64 the exponent is computed in.
+    np.testing.assert_array_equal(k, [0, 0, 0, 0, 126, -114])
+
+
+def test_scaled_fp16_sum_keeps_the_norm_that_a_plain_cast_loses():
+    # Two workers' gradients of per-element RMS 1e-7, summed in float16 as Horovod sums them.
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(0.0, 1e-7, (64, 64)).astype(np.float32) for _ in range(2)]
+    mean = (grads[0] + grads[1]) / 2
+    k = distributed.fp16_scale_exponents([max(np.abs(g).max() for g in grads)], 2)[0]
+    summed = distributed.fp16_compress(grads[0], k) + distributed.fp16_compress(grads[1], k)
+    assert summed.dtype == tf.float16
+    scaled = distributed.fp16_decompress(summed, k, 2, tf.float32).numpy()
+    plain = tf.cast(
+        (tf.cast(grads[0], tf.float16) + tf.cast(grads[1], tf.float16)) / 2, tf.float32
+    ).numpy()
+
+    def norm_error(reduced):
+        return abs(np.linalg.norm(reduced) / np.linalg.norm(mean) - 1)
+
+    assert norm_error(scaled) < 1e-4
+    # Two float16 roundings (compress, sum) of at most 2**-11 of the largest element each.
+    assert np.abs(scaled - mean).max() <= 2**-10 * np.abs(mean).max()
+    assert not np.any(scaled == 0)
+    assert norm_error(plain) > 0.02 and np.mean(plain == 0) > 0.2
+
+
 @pytest.mark.parametrize("accum, micro_steps, updates", [(None, 4, 4), (3, 6, 2)])
 def test_keras_clips_once_per_update(accum, micro_steps, updates):
     # distribute_optimizer all-reduces inside `_clip_gradients`: that is only right while
@@ -163,3 +220,46 @@ def test_overflow_on_one_rank_is_skipped_everywhere(tmp_path):
         assert int(r["updates"]) == STEPS - 1
         assert float(r["loss_scale"]) == 2.0**14  # halved once from 2**15
         assert all(np.isfinite(w).all() for w in weights(r))
+
+
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_fp16_allreduce_keeps_the_norms_of_small_gradients(tmp_path):
+    # Two real workers, gradients of RMS 1e-7 (the norms LARS divides by). Scaled float16
+    # must give the float32 all-reduce's norms to 1e-4 and every element to two float16
+    # roundings of the tensor's largest; the plain cast it replaces must visibly not.
+    script = Path(__file__).parent / "hvd_scripts" / "fp16_allreduce.py"
+    proc = subprocess.run(
+        horovodrun(2, str(script), str(tmp_path)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    names = ["small_conv", "small_dense", "unit", "large", "zeros"]
+    for result in ranks:
+        assert int(result["world"]) == 2
+        for name in names:
+            reference = result[f"float32/{name}"]
+            np.testing.assert_allclose(
+                reference, (ranks[0][f"local/{name}"] + ranks[1][f"local/{name}"]) / 2, rtol=1e-6
+            )
+            scaled = result[f"scaled_fp16/{name}"]
+            assert scaled.dtype == np.float32
+            np.testing.assert_array_equal(result[f"scaled_fp16_traced/{name}"], scaled)
+            np.testing.assert_array_equal(scaled, ranks[0][f"scaled_fp16/{name}"])
+            if name == "zeros":
+                np.testing.assert_array_equal(scaled, 0.0)
+                continue
+            norm = np.linalg.norm(reference)
+            assert abs(np.linalg.norm(scaled) / norm - 1) < 1e-4, name
+            assert np.abs(scaled - reference).max() <= 2**-10 * np.abs(reference).max(), name
+    plain = ranks[0]
+    for name in ("small_conv", "small_dense"):
+        reference = plain[f"float32/{name}"]
+        cast = plain[f"plain_fp16/{name}"]
+        assert np.linalg.norm(cast - reference) / np.linalg.norm(reference) > 0.1, name
+        assert np.mean(cast == 0) > 0.1, name
+    assert not np.isfinite(plain["plain_fp16/large"]).all()  # the float16 sum overflowed
