@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
     except flags.ValidationError as error:
         raise app.UsageError(str(error)) from error
     total_steps = train_flags.training_steps(steps_per_epoch)
-    peak_lr = train_flags.learning_rate(num_workers)
+    peak_lr = train_flags.learning_rate()
     images_per_batch = batch * num_workers
     plan = {
         "workers": num_workers,

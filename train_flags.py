@@ -262,12 +262,15 @@ def define_schedule_flags(fv: flags.FlagValues = FLAGS) -> None:
         "Poly decay over T - W after the warm-up (MLPerf) instead of over the full T.",
         flag_values=fv,
     )
+    # No "workers" (Horovod's lr x hvd.size()): that convention scales a per-worker batch,
+    # while --global_batch_size fixes the global batch whatever the worker count, so it would
+    # only have changed the LR with the worker count at the same batch.
     flags.DEFINE_enum(
         "lr_scaling",
         "none",
-        ["none", "linear", "workers"],
-        "'linear': lr x global_batch / --reference_batch_size (Goyal et al.); 'workers': "
-        "lr x number of workers (Horovod's convention); 'none': as given.",
+        ["none", "linear"],
+        "'linear': lr x global_batch / --reference_batch_size (Goyal et al.); 'none': as "
+        "given. The global batch, hence the LR, is the same on any number of workers.",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -562,13 +565,11 @@ def check_world(num_workers: int, flag_values: flags.FlagValues = FLAGS) -> None
         )
 
 
-def learning_rate(num_workers: int, flag_values: flags.FlagValues = FLAGS) -> float:
-    """The peak learning rate after `--lr_scaling`."""
+def learning_rate(flag_values: flags.FlagValues = FLAGS) -> float:
+    """The peak learning rate after `--lr_scaling`; the same on any number of workers."""
     base = flag_values.learning_rate
     if flag_values.lr_scaling == "linear":
         return base * flag_values.global_batch_size / flag_values.reference_batch_size
-    if flag_values.lr_scaling == "workers":
-        return base * num_workers
     return base
 
 

@@ -74,7 +74,7 @@ def test_paper_recipe_parses_and_builds(recipe, dirs):
     assert total == pytest.approx(values.epochs * steps_per_epoch, abs=1)
     assert 0 <= warmup < total
     optimizer = train_flags.build_optimizer(
-        train_flags.learning_rate(8, values), total, warmup, steps_per_epoch, values
+        train_flags.learning_rate(values), total, warmup, steps_per_epoch, values
     )
     schedule = optimizer._learning_rate
     # The paper's poly(2) runs over the whole run, warm-up included: at the warm-up's end
@@ -158,11 +158,16 @@ def test_warmup_longer_than_train_steps_is_rejected(dirs):
 
 def test_learning_rate_scaling(dirs):
     values = parse(*dirs, "--learning_rate=0.1", "--global_batch_size=1024")
-    assert train_flags.learning_rate(4, values) == pytest.approx(0.1)
+    assert train_flags.learning_rate(values) == pytest.approx(0.1)
     values = parse(*dirs, "--learning_rate=0.1", "--global_batch_size=1024", "--lr_scaling=linear")
-    assert train_flags.learning_rate(4, values) == pytest.approx(0.4)
-    values = parse(*dirs, "--learning_rate=0.1", "--lr_scaling=workers")
-    assert train_flags.learning_rate(4, values) == pytest.approx(0.4)
+    assert train_flags.learning_rate(values) == pytest.approx(0.4)
+
+
+def test_lr_scaling_by_workers_is_refused(dirs):
+    # --global_batch_size fixes the global batch on any number of workers: Horovod's
+    # "lr x workers" would have changed the LR with the worker count at the same batch.
+    with pytest.raises(flags.IllegalFlagValueError, match=r"lr_scaling.*none\|linear"):
+        parse(*dirs, "--lr_scaling=workers")
 
 
 @pytest.mark.parametrize("method", ["sgd", "sgd_warmup", "lars"])
