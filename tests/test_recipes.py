@@ -88,6 +88,16 @@ def test_paper_recipe_parses_and_builds(recipe, dirs):
     assert optimizer.gradient_accumulation_steps == expected_accum
 
 
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: p.stem)
+def test_alexnet_input_is_scaled_as_the_prototxts_scale_it(recipe, dirs):
+    # The authors' AlexNet-BN prototxt subtracts the mean and scales by 1/256; BVLC's AlexNet
+    # only subtracts the mean. ResNet-50 keeps the inception pipeline's per-channel mean.
+    values = parse(f"--flagfile={recipe}", *dirs)
+    assert values.mean == ["123.68", "116.78", "103.94"]
+    expected = ["256"] if values.model == "alexnet_bn" else []
+    assert values.std == expected
+
+
 def test_demo_recipe_parses(tmp_path):
     values = parse(
         f"--flagfile={REPO / 'flags' / 'demo_fashion_mnist.cfg'}", f"--model_dir={tmp_path}"
