@@ -201,8 +201,11 @@ def main(argv: list[str]) -> int:
         max_to_keep=FLAGS.keep_checkpoints,
         is_writer=distributed.is_rank0(),
     )
-    # Rank 0 reads the checkpoint (the model directory need not be shared), then broadcasts.
-    images_seen = distributed.broadcast_object(checkpointer.restore_latest())
+    # Rank 0 reads the checkpoint (the model directory need not be shared); every rank gets
+    # the images it had consumed, or the reason it could not be read, and then exits with it.
+    images_seen = distributed.run_on_root(
+        checkpointer.restore_latest, "restore the latest checkpoint"
+    )
     distributed.broadcast_model_and_optimizer(model, optimizer)
     start_batches = images_seen // images_per_batch
 

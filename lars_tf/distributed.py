@@ -9,7 +9,8 @@ small replacement, built on the `horovod.tensorflow` collectives only:
   update: with gradient accumulation, each worker accumulates locally and one all-reduce runs
   on the update step, before gradient clipping and before LARS computes its norms.
 - `broadcast_model_and_optimizer` copies rank 0's model and optimizer state to every worker
-  after they are built (and after rank 0 restored a checkpoint).
+  after they are built (and after rank 0 restored a checkpoint); `run_on_root` runs such a
+  rank-0-only step and gives every worker its result, or its failure.
 - `MetricAverageCallback`, `average_logs` and `average_model_state` make the reported numbers
   and the batch-norm statistics those of the whole job rather than of one worker.
 - `rank`, `size`, `is_rank0` shard the input and keep writers on rank 0.
@@ -32,9 +33,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import types
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -395,6 +397,54 @@ def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     if hvd is None or hvd.size() == 1:
         return obj
     return hvd.broadcast_object(obj, root_rank=root_rank, name="lars_tf_object")
+
+
+class WorkerFailure(RuntimeError):
+    """Another worker failed in a step that every worker waits for (see `run_on_root`)."""
+
+
+def run_on_root(function: Callable[[], Any], what: str, root_rank: int = 0) -> Any:
+    """`function()`, run on `root_rank` only: its result, or its failure, on every worker.
+
+    For what only one worker can do, e.g. rank 0 reading a checkpoint in a model directory
+    that need not be shared while the others wait for the result in a broadcast. A plain
+    broadcast of the result would leave them waiting there, with no word of why, until the
+    launcher kills them when the root raises; here every worker receives the outcome, prints
+    the reason to stderr, and raises once all of them have printed it (the first to exit
+    makes `horovodrun` terminate the rest).
+
+    Args:
+        function: Called without arguments on `root_rank`; its result must be picklable.
+        what: The step, for the message: "rank 0 failed to <what>: <error>".
+        root_rank: The worker that calls `function`.
+
+    Returns:
+        `function()`'s result, on every worker.
+
+    Raises:
+        Exception: On `root_rank`, whatever `function` raised.
+        WorkerFailure: On the other workers, naming the root's error.
+    """
+    hvd = _horovod()
+    if hvd is None or hvd.size() == 1:
+        return function()
+    failure = None
+    outcome = None
+    if hvd.rank() == root_rank:
+        try:
+            outcome = ("ok", function())
+        except Exception as error:  # every worker must hear of any failure, then all raise
+            failure = error
+            outcome = ("failed", f"{type(error).__name__}: {error}")
+    status, value = hvd.broadcast_object(outcome, root_rank=root_rank, name="lars_tf_outcome")
+    if status == "ok":
+        return value
+    message = f"rank {root_rank} failed to {what}: {value}"
+    print(f"lars_tf rank {hvd.rank()}: {message}", file=sys.stderr, flush=True)
+    allreduce_max(0.0, name="lars_tf_outcome_printed")
+    if failure is not None:
+        raise failure
+    raise WorkerFailure(message)
 
 
 def allreduce_max(value: float, name: str = "lars_tf_max") -> float:

@@ -69,6 +69,10 @@ def innermost_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimize
     return optimizer
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:500]
+
+
 def all_finite(variables: Sequence[Any]) -> bool:
     """Whether every float variable holds finite values only."""
     checks = [
@@ -137,6 +141,10 @@ class Checkpointer:
         Returns:
             The training images consumed (all workers together) when it was saved; 0 without a
             checkpoint or on non-writers.
+
+        Raises:
+            ValueError: The checkpoint was written by another model or optimizer, or its
+                files cannot be read; the message names it and what to do.
         """
         path = self.latest
         if path is None:
@@ -152,7 +160,14 @@ class Checkpointer:
                 "by another configuration (train.py: another --model or model option, "
                 "--optimizer, --normalize_on_device, or an older lars_tf). Resume with the "
                 "flags that wrote it (flags.txt beside it), or start in a new model directory. "
-                f"TensorFlow says: {str(error).splitlines()[0][:500]}"
+                f"TensorFlow says: {_first_line(error)}"
+            ) from None
+        except Exception as error:  # TF reports damaged files in many forms (IndexError too)
+            raise ValueError(
+                f"checkpoint {path} cannot be read: its files are damaged or incomplete. To "
+                f"resume from an earlier checkpoint, delete {path}.* and its lines in "
+                f"{os.path.join(self.directory, 'checkpoint')}; or start in a new model "
+                f"directory. TensorFlow says: {type(error).__name__}: {_first_line(error)}"
             ) from None
         return int(self._images.numpy())
 

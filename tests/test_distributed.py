@@ -94,6 +94,9 @@ def test_single_process_is_a_no_op():
     np.testing.assert_array_equal(distributed.allreduce_sum([1.0, 2.0]), [1.0, 2.0])
     assert distributed.allreduce_max(3.0) == 3.0
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.run_on_root(lambda: 7, "count") == 7
+    with pytest.raises(ZeroDivisionError):  # the error itself, nothing to tell other ranks
+        distributed.run_on_root(lambda: 1 / 0, "divide")
 
 
 def test_compression_is_validated():

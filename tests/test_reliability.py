@@ -426,6 +426,52 @@ def test_rank_killed_under_horovodrun_then_resumes_on_other_worker_counts(tmp_pa
     assert_same_weights(model_dir, reference, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.horovod
+@pytest.mark.slow
+def test_a_checkpoint_rank0_cannot_read_stops_every_rank_with_the_reason(tmp_path, mark):
+    # Rank 0 alone reads the checkpoint; the others used to wait in the broadcast of its
+    # result until horovodrun killed them, never saying why. Now each rank prints the reason
+    # and exits non-zero, in the seconds after rank 0 fails.
+    model_dir = tmp_path / "run"
+    common = [
+        *TINY,
+        *SYNTHETIC,
+        "--global_batch_size=4",
+        "--checkpoint_every_steps=1",
+        "--eval_every_epochs=0",
+        "--eval_steps=1",
+        f"--model_dir={model_dir}",
+    ]
+    train(mark, *common, "--train_steps=2")
+    (data,) = (model_dir / "checkpoints").glob("ckpt-2.data-*")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # e.g. a copy cut short
+
+    began = time.monotonic()
+    job = start(
+        mark,
+        horovodrun(2) + [sys.executable, TRAIN_PY, *common, "--train_steps=4"],
+        tmp_path / "horovodrun.log",
+    )
+    try:
+        job.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"horovodrun still running {TIMEOUT} s after it started")
+    output = job.log.read_text()
+    assert job.returncode != 0, output[-3000:]
+    reason = (
+        "rank 0 failed to restore the latest checkpoint: ValueError: checkpoint "
+        f"{model_dir}/checkpoints/ckpt-2 cannot be read"
+    )
+    for rank in (0, 1):
+        # Printed by the rank itself: rank 1 knows why, not only that it was terminated.
+        assert f"[{rank}]<stderr>:lars_tf rank {rank}: {reason}" in output, output[-4000:]
+        assert f"Process {rank} exit with status code" in output, output[-4000:]
+    # Start-up (two TensorFlow imports on a loaded machine) dominates; a rank left waiting
+    # would take horovodrun's rendezvous timeout or the test's.
+    assert time.monotonic() - began < HOROVOD_FAILURE_BOUND
+    assert latest_step(model_dir) == 2  # nothing was trained or saved over it
+
+
 # --- bad input: images and files ----------------------------------------------------------
 
 

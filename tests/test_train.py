@@ -112,6 +112,25 @@ def test_a_checkpoint_of_another_configuration_is_refused_with_the_reason(tmp_pa
     assert written in str(error.value) and "flags.txt" in str(error.value)
 
 
+def test_a_damaged_checkpoint_is_refused_naming_it(tmp_path):
+    import keras
+
+    from lars_tf.optimizer import LARS
+
+    def setup():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(64), keras.layers.Dense(2)])
+        optimizer = LARS(0.1)
+        optimizer.build(model.trainable_variables)
+        return training.Checkpointer(tmp_path, model, optimizer)
+
+    written = setup().save(images_seen=64, step=1)
+    (data,) = tmp_path.glob("ckpt-1.data-*")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError, match="cannot be read: its files are damaged") as error:
+        setup().restore_latest()
+    assert written in str(error.value) and "TensorFlow says:" in str(error.value)
+
+
 def test_normalising_in_tf_data_instead_of_on_the_device_trains_too(tmp_path):
     # --normalize_on_device (default) moves the normalisation into the model; the other
     # placement must still run end to end (the equality of both is tested in test_models
