@@ -184,7 +184,9 @@ def normalization_variable_ids() -> set[int]:
     """
     ids: set[int] = set()
     for obj in gc.get_objects():
-        if isinstance(obj, _NORMALIZATION_LAYERS):
+        # `type()`, not `isinstance()`: the latter reads `__class__`, which some modules'
+        # objects turn into a property with a warning.
+        if issubclass(type(obj), _NORMALIZATION_LAYERS):
             ids.update(id(v) for v in obj.weights)
     return ids
 
