@@ -10,7 +10,8 @@ the machinery in lars_tf (training, distributed, callbacks). Rerunning the same 
 resumes where the previous run stopped (see lars_tf.training for the exact semantics).
 Exit status: 0 when done, 3 when the loss became NaN/Inf (`EXIT_DIVERGED`: a result, not a
 crash, which exits 1 as any Python error does), 143 after a SIGTERM (a checkpoint was
-written first).
+written first). TensorFlow's oneDNN CPU kernels are on unless TF_ENABLE_ONEDNN_OPTS is set
+(see below).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ if "HOROVOD_LOCAL_SIZE" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(_cores))
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# oneDNN's CPU kernels; TensorFlow reads the setting once, at import. By default it turns
+# them on only on CPUs with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, so not, e.g., on AMD
+# EPYCs before Zen 4 or Intel Xeons before Cascade Lake: on such an EPYC the AlexNet twin's
+# and ResNet-20's train steps ran 1.42x and 1.47x faster with them, and channels_first models
+# cannot run on the CPU without them (`make bench` part 6 measures the ratio on any machine).
+# TF_ENABLE_ONEDNN_OPTS=0 in the environment keeps them off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

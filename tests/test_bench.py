@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "tools" / "bench.py"
 sys.path.insert(0, str(REPO / "tools"))  # the `bench` package beside tools/bench.py
 
-from bench import peers, report, scaling, timing  # noqa: E402
+from bench import environment, peers, report, scaling, timing  # noqa: E402
 
 RESNET50_PARAMETERS = 25_557_032
 
@@ -212,6 +212,38 @@ def test_report_lists_targets_and_skipped_parts():
     assert "not the benchmark" in rendered  # a non-full mode says so
 
 
+def test_report_header_names_the_cpu_vendor_and_the_onednn_state():
+    results = minimal_results()
+    results["machine"]["cpu_vendor"] = "AuthenticAMD"
+    results["onednn"] = {
+        "enabled": False,
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "default_features": [],
+        "why": "TF_ENABLE_ONEDNN_OPTS=0 set by the user; TensorFlow's default on this CPU: off",
+    }
+    rendered = report.render(results)
+    assert "| CPU | test CPU (AuthenticAMD), 2 cores |" in rendered
+    assert "| oneDNN | off: TF_ENABLE_ONEDNN_OPTS=0 set by the user;" in rendered
+    # A report of a bench that recorded neither still renders, and says so.
+    assert "| oneDNN | not recorded" in report.render(minimal_results())
+
+
+def test_onednn_state_reports_this_process_and_why(monkeypatch):
+    import tensorflow as tf  # noqa: F401  (the state is TensorFlow's, read once it is loaded)
+
+    state = environment.onednn_state()
+    assert state["enabled"] in (True, False)
+    assert set(state["default_features"]) <= set(environment.ONEDNN_DEFAULT_FEATURES)
+    assert "TensorFlow's default on this CPU: " in state["why"]
+    assert environment.cpu_vendor()  # e.g. AuthenticAMD, GenuineIntel; "unknown" off Linux
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert "set by tools/bench.py" in environment.default_onednn_on()
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert environment.default_onednn_on() == "TF_ENABLE_ONEDNN_OPTS=0 set by the user"
+    assert os.environ["TF_ENABLE_ONEDNN_OPTS"] == "0"
+
+
 def test_cli_parses_parts_and_default_outputs(tmp_path):
     cli = load_cli()
     args = cli.parse_args(["--quick", "--parts", "5,1", "--work-dir", str(tmp_path)])
@@ -221,6 +253,7 @@ def test_cli_parses_parts_and_default_outputs(tmp_path):
     assert cli.parse_args([]).output == "docs/benchmarks.md"
     with pytest.raises(SystemExit):
         cli.parse_args(["--parts", "1,9"])
+    assert cli.parse_args(["--parts", "6"]).parts == ["6"]
 
 
 # ---------------------------------------------------------------- end to end, tiny sizes
@@ -335,3 +368,21 @@ def test_smoke_run_measures_horovod_allreduce(tmp_path):
     assert all_finite_positive(step["variants"])
     assert math.isfinite(step["communication_share"]["median"])
     assert "## 4. Horovod all-reduce" in results["markdown"]
+
+
+@pytest.mark.slow
+def test_smoke_run_measures_the_step_with_onednn_off_and_on(tmp_path):
+    results = run_bench(tmp_path, "--parts", "6", timeout=300)
+    assert "6" in results["parts"], results["skipped_parts"]
+    # The bench turns oneDNN on as train.py does, unless the environment chose.
+    assert results["onednn"]["enabled"] is (os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "1")
+    assert results["machine"]["cpu_vendor"]
+    (case,) = results["parts"]["6"]["cases"]
+    # Each worker process ran with the setting it was given, as TensorFlow reports it.
+    assert case["onednn_state"]["oneDNN off"]["enabled"] is False
+    assert case["onednn_state"]["oneDNN on"]["enabled"] is True
+    assert all_finite_positive(case["variants"])
+    (speedup,) = case["ratios"].values()
+    assert math.isfinite(speedup["median"]) and speedup["median"] > 0
+    assert "## 6. oneDNN off and on" in results["markdown"]
+    assert "| oneDNN | " in results["markdown"]

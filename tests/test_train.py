@@ -60,6 +60,30 @@ def train(*argv: str, workers: int = 1, check: bool = True) -> subprocess.Comple
     return proc
 
 
+@pytest.mark.parametrize("setting, expected", [(None, "1 True"), ("0", "0 False")])
+def test_train_py_turns_onednn_on_unless_the_user_chose(setting, expected):
+    # TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported: train.py must set it
+    # before its own imports, and leave a user's choice alone. IsMklEnabled is what TF's
+    # start-up line reports ("oneDNN custom operations are on").
+    env = {k: v for k, v in _env().items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    probe = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import train; "
+        "from tensorflow.python.util import _pywrap_util_port as port; "
+        "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], port.IsMklEnabled())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(REPO)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == expected
+
+
 def test_plan_segments_finish_a_partial_epoch_first():
     Segment = training.Segment
     assert training.plan_segments(0, 10, 4) == [Segment(0, 3, 4, 0)]  # last epoch cut at 10

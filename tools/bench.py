@@ -8,8 +8,10 @@ Parts (`--parts`, default all): 1 optimizer update (LARS vs SGD, with and withou
 the peers that are installed: optax, timm, TF Model Garden); 2 training step (AlexNet-BN,
 ResNet-50: LARS vs SGD, gradient accumulation); 3 input pipeline on ImageNet JPEGs against
 the decode-only limit; 4 Horovod all-reduce across 2 ranks, tensor fusion on and off;
-5 predicted scaling efficiency (needs part 2's compute times, so 5 runs 2). The machinery
-lives in `tools/bench/`, one module per part.
+5 predicted scaling efficiency (needs part 2's compute times, so 5 runs 2); 6 the training
+step with TensorFlow's oneDNN CPU kernels off and on. The machinery lives in `tools/bench/`,
+one module per part. As `train.py` does, oneDNN is turned on unless TF_ENABLE_ONEDNN_OPTS is
+set; the report records its state and why.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench import environment  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 
-PARTS = ("1", "2", "3", "4", "5")
+PARTS = ("1", "2", "3", "4", "5", "6")
 DEFAULT_IMAGENET = REPO.parent / "shared" / "data" / "mini-ilsvrc2012"
 
 
@@ -125,8 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workload = WORKLOADS[args.mode]
     started = time.perf_counter()
+    # Before configure_threads imports TensorFlow, which reads the setting once.
+    onednn_origin = environment.default_onednn_on()
     threads = environment.configure_threads(args.threads)
-    from bench import allreduce, input_pipeline, optimizer_update, report, scaling, train_step
+    from bench import (
+        allreduce,
+        input_pipeline,
+        onednn,
+        optimizer_update,
+        report,
+        scaling,
+        train_step,
+    )
 
     parts = list(args.parts)
     if "5" in parts and "2" not in parts:
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "command": shlex.join([os.path.relpath(sys.executable), "tools/bench.py", *argv]),
         "machine": environment.machine(),
+        "onednn": environment.onednn_state(onednn_origin),
         "versions": environment.versions(),
         "threads": threads,
         "load_average_start": environment.load_average(),
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "3": lambda: _part3(args, workload, input_pipeline),
         "4": lambda: allreduce.run(workload, os.path.join(args.work_dir, "horovod")),
         "5": lambda: scaling.run(results["parts"]["2"]),
+        "6": lambda: onednn.run(workload, args.threads),
     }
     failed = False
     for part in parts:

@@ -1,4 +1,4 @@
-"""One thread count for every framework, and the record of the machine and the versions.
+"""One thread count for every framework, and the record of the machine, oneDNN and the versions.
 
 `configure_threads` must run before TensorFlow executes an operation and before JAX is
 imported: TensorFlow's pools are sized once, and JAX reads `XLA_FLAGS` at import.
@@ -62,16 +62,85 @@ def configure_threads(threads: int) -> dict[str, Any]:
     }
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+# The CPU features for which TensorFlow turns its oneDNN kernels on by default on Linux
+# (DefaultOneDnnPolicy in tensorflow/core/util/port.cc); the vendor plays no part.
+ONEDNN_DEFAULT_FEATURES = (
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first `key : value` of /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor, e.g. "AuthenticAMD" or "GenuineIntel" ("unknown" off Linux x86)."""
+    return _cpuinfo("vendor_id") or "unknown"
+
+
+def default_onednn_on() -> str:
+    """Turns TensorFlow's oneDNN CPU kernels on unless the user chose; says who decided.
+
+    The bench measures what `train.py` runs, and `train.py` does the same (see its module
+    docstring): TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported, so this
+    must run before.
+    """
+    if ONEDNN_ENV in os.environ:
+        return f"{ONEDNN_ENV}={os.environ[ONEDNN_ENV]} set by the user"
+    os.environ[ONEDNN_ENV] = "1"
+    return f"{ONEDNN_ENV}=1 set by tools/bench.py, as train.py does"
+
+
+def onednn_state(origin: str | None = None) -> dict[str, Any]:
+    """Whether TensorFlow's oneDNN CPU kernels are on in this process, and why.
+
+    Args:
+        origin: Who set TF_ENABLE_ONEDNN_OPTS, when something did (see `default_onednn_on`).
+    """
+    setting = os.environ.get(ONEDNN_ENV)
+    flags = set((_cpuinfo("flags") or "").split())
+    features = [f for f in ONEDNN_DEFAULT_FEATURES if f in flags]
+    try:
+        # TensorFlow has no public query; this is what its start-up log line reads.
+        from tensorflow.python.util import _pywrap_util_port
+
+        enabled = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        enabled = None
+    default = (
+        f"on (the CPU has {', '.join(features)})"
+        if features
+        else f"off (the CPU has none of {', '.join(ONEDNN_DEFAULT_FEATURES)})"
+    )
+    decided = origin or f"{ONEDNN_ENV}={setting} set"
+    why = f"{ONEDNN_ENV} unset" if setting is None else decided
+    why += f"; TensorFlow's default on this CPU: {default}"
+    return {
+        "enabled": enabled,
+        ONEDNN_ENV: setting,
+        "default_features": features,
+        "why": why,
+    }
 
 
 def _memory_gib() -> float | None:
@@ -97,6 +166,7 @@ def machine() -> dict[str, Any]:
     """CPU model, core count, memory, OS and Python of this machine."""
     return {
         "cpu": cpu_model(),
+        "cpu_vendor": cpu_vendor(),
         "cores": os.cpu_count(),
         "memory_gib": _memory_gib(),
         "system": f"{platform.system()} {platform.release()}",

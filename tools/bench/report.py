@@ -22,6 +22,14 @@ def _ratio(stats: Mapping[str, float]) -> str:
     return f"{stats['median']:.3f} [{stats['q1']:.3f}, {stats['q3']:.3f}]"
 
 
+def _onednn(state: Mapping[str, Any] | None) -> str:
+    """ "on"/"off" and why, for the machine table."""
+    if state is None:
+        return "not recorded: this report predates the record (rerun `make bench`)"
+    enabled = {True: "on", False: "off", None: "unknown"}[state["enabled"]]
+    return f"{enabled}: {state['why']}"
+
+
 def _header(results: Mapping[str, Any]) -> list[str]:
     machine, threads = results["machine"], results["threads"]
     lines = [
@@ -42,7 +50,12 @@ def _header(results: Mapping[str, Any]) -> list[str]:
     lines += _table(
         ["machine", ""],
         [
-            ["CPU", f"{machine['cpu']}, {machine['cores']} cores"],
+            [
+                "CPU",
+                f"{machine['cpu']} ({machine.get('cpu_vendor', 'vendor not recorded')}), "
+                f"{machine['cores']} cores",
+            ],
+            ["oneDNN", _onednn(results.get("onednn"))],
             ["memory", f"{machine['memory_gib']} GiB"],
             ["system", f"{machine['system']}, Python {machine['python']}"],
             [
@@ -426,13 +439,52 @@ def _part5(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-RENDERERS = {"1": _part1, "2": _part2, "3": _part3, "4": _part4, "5": _part5}
+def _part6(r: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "## 6. oneDNN off and on",
+        "",
+        "`Model.train_on_batch` with LARS (as in part 2) on one fixed batch of random images, "
+        "in two processes that differ only in `TF_ENABLE_ONEDNN_OPTS` (0 and 1: TensorFlow "
+        "reads it once, at import), timed alternately in the same rounds. The ratio is the "
+        "speed-up of oneDNN: step time off / on. `train.py` and this bench turn oneDNN on "
+        "unless `TF_ENABLE_ONEDNN_OPTS` is set.",
+        "",
+    ]
+    for case in r["cases"]:
+        options = f", options {case['options']}" if case["options"] else ""
+        lines += [
+            f"### `{case['model']}` at {case['image_size']} x {case['image_size']}, batch "
+            f"{case['batch']}{options}",
+            "",
+        ]
+        states = case["onednn_state"]
+        lines += _table(
+            ["variant", "median s/step", "IQR s", "images/s", "oneDNN reported"],
+            [
+                [
+                    n,
+                    f"{v['median']:.3f}",
+                    f"{v['iqr']:.3f}",
+                    f"{case['batch'] / v['median']:.1f}",
+                    {True: "on", False: "off", None: "unknown"}[states[n]["enabled"]],
+                ]
+                for n, v in case["variants"].items()
+            ],
+        )
+        lines += _table(
+            ["ratio", "median [q1, q3]"], [[k, _ratio(v)] for k, v in case["ratios"].items()]
+        )
+    return lines
+
+
+RENDERERS = {"1": _part1, "2": _part2, "3": _part3, "4": _part4, "5": _part5, "6": _part6}
 TITLES = {
     "1": "1. Optimizer update",
     "2": "2. Training step",
     "3": "3. Input pipeline",
     "4": "4. Horovod all-reduce",
     "5": "5. Scaling on paper",
+    "6": "6. oneDNN off and on",
 }
 
 

@@ -51,6 +51,9 @@ class Workload:
     step_image_size: int
     step_batch: int
     step_rounds: int
+    onednn_cases: tuple[TrainCase, ...]
+    onednn_rounds: int
+    onednn_steps: int
     convert_workers: int | None = None
 
 
@@ -80,6 +83,14 @@ FULL = Workload(
     step_image_size=128,
     step_batch=8,
     step_rounds=4,
+    # The sweep's models as tools/sweep.py trains them; the twin at the batch of the report in
+    # issue 17, ResNet-20 (about 10 s per step at 512 on 2 busy cores) at 128.
+    onednn_cases=(
+        TrainCase("alexnet_bn_small", 32, 512, "alexnet", 227, 10, {"groups": 1, "dropout": 0.0}),
+        TrainCase("resnet20_cifar", 32, 128, "resnet50", 224, 10),
+    ),
+    onednn_rounds=5,
+    onednn_steps=2,
 )
 
 QUICK = dataclasses.replace(
@@ -101,6 +112,12 @@ QUICK = dataclasses.replace(
     step_image_size=32,
     step_batch=16,
     step_rounds=2,
+    onednn_cases=(
+        TrainCase("alexnet_bn_small", 32, 128, "alexnet", 227, 10, {"groups": 1, "dropout": 0.0}),
+        TrainCase("resnet20_cifar", 32, 128, "resnet50", 224, 10),
+    ),
+    onednn_rounds=3,
+    onednn_steps=1,
 )
 
 _RESNET8 = {"stage_blocks": (1, 1, 1)}
@@ -129,6 +146,9 @@ SMOKE = Workload(
     step_image_size=32,
     step_batch=4,
     step_rounds=1,
+    onednn_cases=(TrainCase("resnet20_cifar", 32, 4, "resnet50", 224, 10, options=_RESNET8),),
+    onednn_rounds=1,
+    onednn_steps=1,
     # Worker processes would each start TensorFlow: slower than converting a few images.
     convert_workers=1,
 )
