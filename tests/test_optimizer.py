@@ -388,6 +388,34 @@ def test_exclude_bn_and_bias_in_a_model():
             assert local_lr != 1.0, variable.path
 
 
+@pytest.mark.parametrize("application", ["ResNet50", "ConvNeXtTiny"])
+def test_exclude_bn_and_bias_means_biases_and_normalization_layers(application):
+    """On keras.applications models, exactly the biases and the variables of normalization
+    layers are excluded, by their layer and not by rank: ConvNeXt's layer scales (rank 1,
+    named "gamma", like a layer norm's) stay adapted and decayed."""
+    model = getattr(keras.applications, application)(
+        weights=None, include_top=False, input_shape=(32, 32, 3)
+    )
+    optimizer = LARS(weight_decay=5e-4, exclude_bn_and_bias=True)
+    optimizer.build(model.trainable_variables)
+    normalization = {
+        id(v)
+        for layer in model._flatten_layers()  # the test's own lookup, by class
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization))
+        for v in layer.trainable_weights
+    }
+    rank_one_kept = 0
+    for variable, decays, adapts in zip(
+        model.trainable_variables, optimizer._apply_decay, optimizer._apply_adaptation, strict=True
+    ):
+        excluded = variable.name == "bias" or id(variable) in normalization
+        assert decays == adapts == (not excluded), variable.path
+        rank_one_kept += len(variable.shape) == 1 and not excluded
+    assert len(normalization) >= 46  # ConvNeXt-Tiny: 23 layer norms; ResNet-50: 53 BNs
+    # ConvNeXt-Tiny has 18 blocks, each with a layer scale; ResNet-50 no rank-1 non-BN variable.
+    assert rank_one_kept == (18 if application == "ConvNeXtTiny" else 0)
+
+
 def test_layer_statistics_are_the_last_update_values():
     x, y = data(n=8)
     model = small_model()

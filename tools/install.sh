@@ -43,6 +43,17 @@ pip_install "$TF_PACKAGE"
 echo "install: lars_tf[$EXTRAS]"
 if [[ "$EDITABLE" == 1 ]]; then pip_install -e ".[$EXTRAS]"; else pip_install ".[$EXTRAS]"; fi
 
+# PyTorch for the torch-backend tests, as the CPU build only: PyPI's default torch is the CUDA
+# build (gigabytes). "+cpu" names the CPU wheel that machines of this kind keep on disk; where
+# none is found the torch tests skip and say so.
+if [[ "$EXTRAS" == *dev* ]]; then
+  if pip_install "torch==2.13.0+cpu" >/dev/null 2>&1; then
+    echo "install: torch 2.13.0+cpu"
+  else
+    echo "install: no torch 2.13.0+cpu build to be had here: the PyTorch-backend tests will skip"
+  fi
+fi
+
 wheel=$(PYTHON="$py" tools/build_horovod.sh)
 echo "install: $(basename "$wheel")"
 pip_install "$wheel"

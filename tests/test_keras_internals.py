@@ -1,0 +1,65 @@
+"""Each Keras private member lars_tf relies on still exists with the parameters it expects.
+
+A failure names the hook, what lars_tf uses it for and the installed Keras version: the sign
+that a Keras release changed an internal and `lars_tf/keras_internals.py` must follow it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import pytest
+
+from lars_tf import keras_internals
+from lars_tf.optimizer import LARS
+
+
+@pytest.mark.parametrize("hook", keras_internals.HOOKS, ids=lambda h: f"{h.owner}.{h.name}")
+def test_hook_exists_with_its_parameters(hook):
+    owner = keras_internals.owner_class(hook.owner)
+    if owner is None:
+        pytest.skip(f"{hook.owner} exists on the TensorFlow backend only")
+    where = f"{owner.__name__}.{hook.name} (Keras {keras.__version__}; lars_tf: {hook.why})"
+    if hook.parameters is None:  # an attribute set on instances
+        optimizer = keras.optimizers.SGD(0.1)
+        assert hasattr(optimizer, hook.name), f"{where} is gone"
+        return
+    member = inspect.getattr_static(owner, hook.name, None)
+    assert member is not None, f"{where} is gone"
+    parameters = tuple(inspect.signature(member).parameters)[1:]  # after self
+    assert parameters == hook.parameters, f"{where} now takes {parameters}, not {hook.parameters}"
+
+
+def test_lars_overrides_go_through_the_hooks_module():
+    """LARS defines no Keras private method itself: its overrides are the mixin's."""
+    for name in (
+        "_backend_update_step",
+        "_get_current_learning_rate",
+        "_distributed_tf_update_step",
+    ):
+        assert name not in vars(LARS), name
+        assert name in vars(keras_internals.OptimizerHooks), name
+        assert {h.name for h in keras_internals.HOOKS} >= {name}
+
+
+def test_override_instance_method_refuses_unlisted_names():
+    optimizer = keras.optimizers.SGD(0.1)
+    with pytest.raises(ValueError, match="not one of the Keras hooks"):
+        keras_internals.override_instance_method(optimizer, "apply", lambda self, g: None)
+    calls = []
+
+    def clip(self, grads):
+        calls.append(len(grads))
+        return type(self)._clip_gradients(self, grads)
+
+    keras_internals.override_instance_method(optimizer, "_clip_gradients", clip)
+    assert optimizer._clip_gradients([1.0, 2.0]) == [1.0, 2.0] and calls == [2]
+    assert "_clip_gradients" not in keras.optimizers.SGD(0.1).__dict__
+
+
+def test_flatten_layers_finds_nested_layers():
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="inner_dense")])
+    outer = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dense(1, name="head")])
+    names = [layer.name for layer in keras_internals.flatten_layers(outer)]
+    assert names[0] == outer.name and {"inner_dense", "head", inner.name} <= set(names)
