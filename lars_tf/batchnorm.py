@@ -31,13 +31,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lars_tf import keras_internals
+
 
 def batch_norm_layers(model: keras.Layer) -> list[keras.layers.BatchNormalization]:
     """Every `BatchNormalization` layer of `model`, nested ones included, that updates its
     statistics in training (trainable, without batch renormalisation)."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in keras_internals.flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
         and layer.trainable
         and not layer.renorm

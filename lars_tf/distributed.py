@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import types
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,6 +41,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+
+from lars_tf import keras_internals
 
 _log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def _allreduce_fp16(hvd: Any, grads: list[Any]) -> list[Any]:
 
 
 def _allreduce_then_clip(compression: str | None):
-    def _clip_gradients(self, grads):
+    def clip_gradients(clip, grads):
         # Keras 3 calls `_clip_gradients` exactly once per optimizer update: on every step
         # without accumulation, and only on the update step (with the locally averaged
         # accumulated gradients) with `gradient_accumulation_steps`. It runs after loss-scale
@@ -286,17 +287,16 @@ def _allreduce_then_clip(compression: str | None):
         # computes its norms: the one place where averaging gives the update of the global
         # batch. `apply()` would be too early (once per micro-batch), `_backend_update_step`
         # too late (after clipping).
-        grads = allreduce_gradients(grads, compression)
-        return type(self)._clip_gradients(self, grads)
+        return clip(allreduce_gradients(grads, compression))
 
-    return _clip_gradients
+    return clip_gradients
 
 
-def _agreed_check_finite(self, grads):
+def _agreed_check_finite(check_finite, grads):
     # A worker that skips the step (non-finite gradients) while another applies it would leave
     # the other waiting in the gradient all-reduce, and the replicas would diverge: the skip
     # decision must be the same everywhere, so a step is skipped if any worker overflowed.
-    finite = type(self).check_finite(self, grads)
+    finite = check_finite(grads)
     everywhere = _hvd.allreduce(
         tf.cast(finite, tf.float32), op=_hvd.Min, name="lars_tf_gradients_finite"
     )
@@ -337,17 +337,18 @@ def distribute_optimizer(
         return optimizer
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         distribute_optimizer(optimizer.inner_optimizer, compression)
-        _set(optimizer, "check_finite", types.MethodType(_agreed_check_finite, optimizer))
+        keras_internals.override_instance_method(optimizer, "check_finite", _agreed_check_finite)
     else:
-        clip = _allreduce_then_clip(compression)
-        _set(optimizer, "_clip_gradients", types.MethodType(clip, optimizer))
+        keras_internals.override_instance_method(
+            optimizer, "_clip_gradients", _allreduce_then_clip(compression)
+        )
     _set(optimizer, "_lars_tf_distributed", True)
     return optimizer
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
-    # Plain attribute, bypassing Keras' variable tracker and TF's dependency tracking: a bound
-    # method is neither state to checkpoint nor configuration to serialize.
+    # Plain attribute, bypassing Keras' variable tracker and TF's dependency tracking: a marker
+    # is neither state to checkpoint nor configuration to serialize.
     object.__setattr__(obj, name, value)
 
 

@@ -185,15 +185,20 @@ def overwrites_with_gradient(optimizer: keras.optimizers.Optimizer, variable: An
     return optimizer._overwrite_variable_with_gradient(variable)
 
 
-def override_instance_method(obj: Any, name: str, method: Callable[..., Any]) -> None:
-    """Replace the method `name` of the object `obj` alone by `method(obj, ...)`.
+def override_instance_method(obj: Any, name: str, wrapper: Callable[..., Any]) -> None:
+    """Make `obj.<name>(*args)` call `wrapper(original, *args)`, for the object `obj` alone.
 
-    The original stays reachable as `type(obj).<name>`. The attribute is set past Keras'
-    tracker and TensorFlow's dependency tracking: a bound method is neither state to
-    checkpoint nor configuration to serialize.
+    `original` is the class's method bound to `obj`. The attribute is set past Keras' tracker
+    and TensorFlow's dependency tracking: a bound method is neither state to checkpoint nor
+    configuration to serialize.
     """
     if name not in {hook.name for hook in HOOKS}:
         raise ValueError(f"{name!r} is not one of the Keras hooks listed in HOOKS")
+    original = getattr(type(obj), name).__get__(obj)
+
+    def method(self, *args):
+        return wrapper(original, *args)
+
     object.__setattr__(obj, name, types.MethodType(method, obj))
 
 
