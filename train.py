@@ -40,7 +40,15 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import train_flags  # noqa: E402
-from lars_tf import batchnorm, callbacks, data, distributed, models, training  # noqa: E402
+from lars_tf import (  # noqa: E402
+    batchnorm,
+    callbacks,
+    data,
+    distributed,
+    models,
+    progress,
+    training,
+)
 
 train_flags.define_all()
 FLAGS = flags.FLAGS
@@ -238,8 +246,11 @@ def main(argv: list[str]) -> int:
 
     guard = training.RunGuard(total_steps * accum, start_batches, accum)
     guard.install_signal_handler()
+    # A synthetic run is a benchmark or a smoke test: evaluating its random images (50,000 by
+    # default) would take longer than the run, so it evaluates only when asked to.
+    evaluates = train_flags.dataset_source() != "synthetic" or FLAGS.eval_steps is not None
     evaluation = training.EvaluationCallback(
-        eval_spec.dataset, guard, FLAGS.eval_every_epochs, FLAGS.eval_steps
+        eval_spec.dataset, guard, FLAGS.eval_every_epochs if evaluates else 0, FLAGS.eval_steps
     )
     # Re-estimated batch-norm statistics for the epochs that evaluate (before the
     # evaluation and the checkpoint): few large-batch steps leave the moving averages stale.
@@ -261,7 +272,7 @@ def main(argv: list[str]) -> int:
         callbacks.LearningRateLogger(),
         distributed.MetricAverageCallback(),
         *recalibration,
-        evaluation,
+        *([evaluation] if evaluates else []),
         training.CheckpointCallback(
             checkpointer, guard, images_per_batch, FLAGS.checkpoint_every_steps
         ),
@@ -283,7 +294,22 @@ def main(argv: list[str]) -> int:
                 os.path.join(FLAGS.model_dir, "training_log.csv"), append=True
             ),
         ]
-    verbose = (1 if sys.stdout.isatty() else 2) if distributed.is_rank0() else 0
+    terminal = sys.stdout.isatty()
+    if distributed.is_rank0() and not terminal and FLAGS.progress_every_steps:
+        optimizer_of_updates = training.innermost_optimizer(optimizer)
+        run_callbacks.append(
+            progress.ProgressLogger(
+                total_updates=total_steps,
+                start_update=start_batches // accum,
+                updates_per_epoch=steps_per_epoch,
+                images_per_update=FLAGS.global_batch_size,
+                every_n_updates=FLAGS.progress_every_steps,
+                accumulation_steps=accum,
+                learning_rate=lambda: float(optimizer_of_updates.learning_rate),
+                print_fn=report,
+            )
+        )
+    verbose = (1 if terminal else 2) if distributed.is_rank0() else 0
     training.fit(
         model,
         dataset_for_epoch,
@@ -318,6 +344,12 @@ def main(argv: list[str]) -> int:
         return 1
     if num_workers > 1:
         report(f"Model and optimizer state are identical on all {num_workers} workers.")
+    if not evaluates:
+        if distributed.is_rank0():
+            with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, "results.json"), "w") as f:
+                json.dump({"step": guard.step}, f, indent=2)
+        report(f"Trained {guard.step} steps on synthetic data; not evaluated (--eval_steps).")
+        return 0
     results = evaluation.last_results
     if results is None or evaluation.last_step != guard.step:
         results = training.evaluate(model, eval_spec.dataset, FLAGS.eval_steps)

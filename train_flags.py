@@ -98,7 +98,8 @@ def define_data_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_bool(
         "synthetic",
         False,
-        "Train on synthetic images (overrides --dataset); for benchmarks.",
+        "Train on synthetic images (overrides --dataset): a benchmark or smoke mode, which "
+        "evaluates nothing unless --eval_steps is given (then that many batches).",
         flag_values=fv,
     )
     flags.DEFINE_string("train_split", "train", "Split to train on.", flag_values=fv)
@@ -357,6 +358,15 @@ def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
         "eval_steps", None, "Batches per evaluation (default: the whole split).", flag_values=fv
     )
     flags.DEFINE_integer(
+        "progress_every_steps",
+        50,
+        "When stdout is not a terminal (horovodrun, a batch job), rank 0 prints a line every "
+        "this many optimizer updates: update/total, epoch, loss, top-1 (running means on rank "
+        "0's shard), images/s of the whole job, LR, elapsed and remaining time (0: off). On a "
+        "terminal Keras' progress bar shows instead.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
         "log_every_steps",
         100,
         "Interval of the per-layer trust-ratio (local LR, ||w||, ||g||) TensorBoard logs, in "
@@ -461,6 +471,7 @@ def register_validators(fv: flags.FlagValues = FLAGS) -> None:
         "warmup_epochs",
         "warmup_start_lr",
         "checkpoint_every_steps",
+        "progress_every_steps",
         "eval_every_epochs",
         "log_every_steps",
         "threads_per_worker",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -386,3 +387,74 @@ def test_two_workers_real_jpegs_end_identical(tmp_path, cifar_folder):
     )
     assert "identical on all 2 workers" in proc.stdout
     assert "Evaluation at step 4 on 32 images" in proc.stdout  # the two shards together
+
+
+PROGRESS = re.compile(
+    r"update (\d+)/(\d+) \(epoch ([\d.]+)\) loss ([\d.]+) top1 ([\d.]+)% (\d+) images/s "
+    r"lr ([\d.e+-]+) elapsed (\d+):(\d\d):(\d\d) eta (\d+):(\d\d):(\d\d)"
+)
+
+
+def _seconds(h: str, m: str, s: str) -> int:
+    return 3600 * int(h) + 60 * int(m) + int(s)
+
+
+def test_two_workers_print_progress_lines_and_synthetic_skips_evaluation(tmp_path):
+    """Under horovodrun stdout is a pipe: rank 0 prints a line every 2 updates with numbers
+    that agree with the run; the synthetic run evaluates nothing by default."""
+    model_dir = tmp_path / "run"
+    proc = train(
+        *TINY,
+        "--synthetic",
+        "--synthetic_examples=64",
+        "--num_classes=10",
+        "--grad_accum_steps=2",
+        "--train_steps=12",
+        "--progress_every_steps=2",
+        "--checkpoint_every_steps=0",
+        f"--model_dir={model_dir}",
+        workers=2,
+    )
+    lines = PROGRESS.findall(proc.stdout)
+    assert [int(m[0]) for m in lines] == [2, 4, 6, 8, 10, 12], proc.stdout[-3000:]
+    assert {int(m[1]) for m in lines} == {12}
+    # 64 examples / global batch 16 = 4 updates per epoch.
+    assert [float(m[2]) for m in lines] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    # images/s of each interval within the range of the run's own per-epoch measurements.
+    epochs = list(csv.DictReader((model_dir / "training_log.csv").open()))
+    measured = [float(row["images_per_sec"]) for row in epochs]
+    assert len(measured) == 3
+    rates = [int(m[5]) for m in lines[1:]]  # the first interval includes tracing
+    assert all(min(measured) / 4 <= r <= max(measured) * 4 for r in rates), (rates, measured)
+    etas = [_seconds(*m[10:13]) for m in lines]
+    assert etas[-1] == 0 and etas[-1] <= etas[1] <= etas[0], etas
+    elapsed = [_seconds(*m[7:10]) for m in lines]
+    assert elapsed == sorted(elapsed)
+    # Only rank 0 prints.
+    assert proc.stdout.count("update 12/12") == 1
+    assert "not evaluated" in proc.stdout and "Evaluation at step" not in proc.stdout
+    assert json.loads((model_dir / "results.json").read_text()) == {"step": 12}
+    # (Keras' CSVLogger adds val_ columns of its own, empty here.)
+    assert all(row.get("val_top1", "NA") == "NA" for row in epochs)
+
+
+def test_progress_line_numbers():
+    from lars_tf.progress import ProgressLogger
+
+    logger = ProgressLogger(
+        total_updates=100,
+        start_update=20,
+        updates_per_epoch=40,
+        images_per_update=512,
+        every_n_updates=10,
+        learning_rate=lambda: 0.25,
+    )
+    logger._started, logger._last = 1000.0, (1000.0, 20)
+    line = logger.line(30, {"loss": 2.5, "top1": 0.125}, now=1010.0)
+    # 10 updates x 512 images in 10 s; 10 s for 10 updates, 70 to go.
+    assert line == (
+        "update 30/100 (epoch 0.75) loss 2.5000 top1 12.50% 512 images/s lr 0.25 "
+        "elapsed 0:00:10 eta 0:01:10"
+    )
+    line = logger.line(40, {}, now=1030.0)
+    assert line.endswith("256 images/s lr 0.25 elapsed 0:00:30 eta 0:01:30")
