@@ -164,29 +164,20 @@ def main(argv: list[str]) -> int:
     keras.utils.set_random_seed(FLAGS.seed + rank)
     keras.mixed_precision.set_global_policy(FLAGS.dtype)
 
-    accum = FLAGS.grad_accum_steps
     batch = train_flags.per_worker_batch(num_workers)
     image_size = FLAGS.image_size or models.default_image_size(FLAGS.model)
     train_spec, dataset_for_epoch, eval_spec, corrupt_count = build_input(
         num_workers, rank, batch, image_size
     )
-    steps_per_epoch = train_spec.steps_per_epoch(FLAGS.global_batch_size)
+    # Every length of the run in optimizer updates; `plan` alone converts to other units.
     try:
-        warmup = train_flags.warmup_steps(steps_per_epoch)
+        plan = train_flags.run_plan(train_spec.num_examples, num_workers)
     except flags.ValidationError as error:
         raise app.UsageError(str(error)) from error
-    total_steps = train_flags.training_steps(steps_per_epoch)
+    accum = plan.accumulation_steps
     peak_lr = train_flags.learning_rate()
-    images_per_batch = batch * num_workers
-    plan = {
-        "workers": num_workers,
-        "global_batch_size": FLAGS.global_batch_size,
-        "per_worker_batch_size": batch,
-        "grad_accum_steps": accum,
-        "train_examples": train_spec.num_examples,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "warmup_steps": warmup,
+    description = {
+        **plan.as_dict(),
         "peak_learning_rate": peak_lr,
         "num_classes": train_spec.num_classes,
         "image_shape": list(train_spec.image_shape),
@@ -194,7 +185,9 @@ def main(argv: list[str]) -> int:
 
     model = build_model(train_spec.num_classes, train_spec.image_shape)
     model.compile(
-        optimizer=train_flags.build_optimizer(peak_lr, total_steps, warmup, steps_per_epoch),
+        optimizer=train_flags.build_optimizer(
+            peak_lr, plan.total_updates, plan.warmup_updates, plan.updates_per_epoch
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="top1"),
@@ -223,7 +216,7 @@ def main(argv: list[str]) -> int:
         checkpointer.restore_latest, "restore the latest checkpoint"
     )
     distributed.broadcast_model_and_optimizer(model, optimizer)
-    start_batches = images_seen // images_per_batch
+    start_update = plan.updates_from_images(images_seen)
 
     if FLAGS.eval_only:
         if not images_seen:
@@ -231,20 +224,23 @@ def main(argv: list[str]) -> int:
         if FLAGS.bn_recalibration_batches:
             batchnorm.recalibrate(model, train_spec.dataset, FLAGS.bn_recalibration_batches)
         results = training.evaluate(model, eval_spec.dataset, FLAGS.eval_steps)
-        report(_result_line(start_batches // accum, results))
+        report(_result_line(start_update, results))
         return 0
 
     if distributed.is_rank0():
-        write_run_description(FLAGS.model_dir, plan)
-    if start_batches:
-        report(f"Resuming from {checkpointer.latest} at step {start_batches // accum}.")
+        write_run_description(FLAGS.model_dir, description)
+    if start_update:
+        report(f"Resuming from {checkpointer.latest} at step {start_update}.")
     report(
         f"{FLAGS.model} on {train_spec.num_examples} images, {num_workers} worker(s) x "
         f"{batch} x {accum} accumulation = global batch {FLAGS.global_batch_size}; "
-        f"{total_steps} steps ({steps_per_epoch}/epoch), warm-up {warmup}, peak LR {peak_lr:g}"
+        f"{plan.total_updates} steps ({plan.updates_per_epoch}/epoch), warm-up "
+        f"{plan.warmup_updates}, peak LR {peak_lr:g}"
     )
 
-    guard = training.RunGuard(total_steps * accum, start_batches, accum)
+    guard = training.RunGuard(
+        plan.micro_batches(plan.total_updates), plan.micro_batches(start_update), accum
+    )
     guard.install_signal_handler()
     # A synthetic run is a benchmark or a smoke test: evaluating its random images (50,000 by
     # default) would take longer than the run, so it evaluates only when asked to.
@@ -268,13 +264,13 @@ def main(argv: list[str]) -> int:
     )
     run_callbacks = [
         guard,  # first: a NaN step must be known before anything saves it
-        training.ThroughputCallback(images_per_batch),
+        training.ThroughputCallback(plan.images_per_micro_batch),
         callbacks.LearningRateLogger(),
         distributed.MetricAverageCallback(),
         *recalibration,
         *([evaluation] if evaluates else []),
         training.CheckpointCallback(
-            checkpointer, guard, images_per_batch, FLAGS.checkpoint_every_steps
+            checkpointer, guard, plan.images_per_micro_batch, plan.checkpoint_every_updates
         ),
     ]
     if FLAGS.log_every_steps:
@@ -295,15 +291,15 @@ def main(argv: list[str]) -> int:
             ),
         ]
     terminal = sys.stdout.isatty()
-    if distributed.is_rank0() and not terminal and FLAGS.progress_every_steps:
+    if distributed.is_rank0() and not terminal and plan.progress_every_updates:
         optimizer_of_updates = training.innermost_optimizer(optimizer)
         run_callbacks.append(
             progress.ProgressLogger(
-                total_updates=total_steps,
-                start_update=start_batches // accum,
-                updates_per_epoch=steps_per_epoch,
-                images_per_update=FLAGS.global_batch_size,
-                every_n_updates=FLAGS.progress_every_steps,
+                total_updates=plan.total_updates,
+                start_update=start_update,
+                updates_per_epoch=plan.updates_per_epoch,
+                images_per_update=plan.global_batch_size,
+                every_n_updates=plan.progress_every_updates,
                 accumulation_steps=accum,
                 learning_rate=lambda: float(optimizer_of_updates.learning_rate),
                 print_fn=report,
@@ -314,7 +310,7 @@ def main(argv: list[str]) -> int:
         model,
         dataset_for_epoch,
         guard=guard,
-        batches_per_epoch=steps_per_epoch * accum,
+        batches_per_epoch=plan.micro_batches(plan.updates_per_epoch),
         callbacks=run_callbacks,
         verbose=verbose,
         # --deterministic: the same batches at every step however often the run is resumed.

@@ -12,14 +12,13 @@ Recipes are flag files: `python train.py --flagfile=flags/alexnet_bn_lars_b8k.cf
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
 
 import keras
 from absl import flags
 
-from lars_tf import models, schedules
+from lars_tf import models, plan, schedules
 from lars_tf.optimizer import LARS
 
 FLAGS = flags.FLAGS
@@ -554,16 +553,12 @@ def per_worker_batch(num_workers: int, flag_values: flags.FlagValues = FLAGS) ->
     Raises:
         flags.ValidationError: It does not divide evenly.
     """
-    accum = flag_values.grad_accum_steps
-    parts = num_workers * accum
-    batch = flag_values.global_batch_size
-    if batch % parts:
-        nearest = parts * max(1, round(batch / parts))
-        raise flags.ValidationError(
-            f"--global_batch_size={batch} must be divisible by workers x --grad_accum_steps "
-            f"= {num_workers} x {accum} = {parts}; e.g. --global_batch_size={nearest}"
+    try:
+        return plan.per_worker_batch_size(
+            flag_values.global_batch_size, num_workers, flag_values.grad_accum_steps
         )
-    return batch // parts
+    except ValueError as error:  # "global_batch_size=... must be divisible by ..."
+        raise flags.ValidationError(f"--{error}") from None
 
 
 def check_world(num_workers: int, flag_values: flags.FlagValues = FLAGS) -> None:
@@ -576,6 +571,35 @@ def check_world(num_workers: int, flag_values: flags.FlagValues = FLAGS) -> None
         )
 
 
+def run_plan(
+    train_examples: int, num_workers: int, flag_values: flags.FlagValues = FLAGS
+) -> plan.RunPlan:
+    """The run's `lars_tf.plan.RunPlan`, after the checks above (their messages name flags).
+
+    Raises:
+        flags.ValidationError: As `per_worker_batch` and `warmup_steps`.
+    """
+    per_worker_batch(num_workers, flag_values)
+    updates_per_epoch = train_examples // flag_values.global_batch_size
+    if updates_per_epoch < 1:
+        raise flags.ValidationError(
+            f"--global_batch_size={flag_values.global_batch_size} is larger than the "
+            f"{train_examples} examples of the training split"
+        )
+    warmup_steps(updates_per_epoch, flag_values)
+    return plan.make_plan(
+        train_examples=train_examples,
+        global_batch_size=flag_values.global_batch_size,
+        workers=num_workers,
+        accumulation_steps=flag_values.grad_accum_steps,
+        epochs=flag_values.epochs,
+        train_updates=flag_values.train_steps,
+        warmup_epochs=flag_values.warmup_epochs,
+        checkpoint_every_updates=flag_values.checkpoint_every_steps,
+        progress_every_updates=flag_values.progress_every_steps,
+    )
+
+
 def learning_rate(flag_values: flags.FlagValues = FLAGS) -> float:
     """The peak learning rate after `--lr_scaling`; the same on any number of workers."""
     base = flag_values.learning_rate
@@ -586,9 +610,7 @@ def learning_rate(flag_values: flags.FlagValues = FLAGS) -> float:
 
 def training_steps(steps_per_epoch: int, flag_values: flags.FlagValues = FLAGS) -> int:
     """Optimizer updates of the run: `--train_steps`, else `--epochs` x steps per epoch."""
-    if flag_values.train_steps is not None:
-        return flag_values.train_steps
-    return max(1, math.ceil(flag_values.epochs * steps_per_epoch))
+    return plan.run_length(steps_per_epoch, flag_values.epochs, flag_values.train_steps)
 
 
 def warmup_steps(steps_per_epoch: int, flag_values: flags.FlagValues = FLAGS) -> int:
@@ -597,7 +619,7 @@ def warmup_steps(steps_per_epoch: int, flag_values: flags.FlagValues = FLAGS) ->
     Raises:
         flags.ValidationError: The warm-up is not shorter than training.
     """
-    warmup = int(round(flag_values.warmup_epochs * steps_per_epoch))
+    warmup = plan.warmup_length(steps_per_epoch, flag_values.warmup_epochs)
     total = training_steps(steps_per_epoch, flag_values)
     if warmup and warmup >= total:
         raise flags.ValidationError(

@@ -1,6 +1,5 @@
 """The pieces of a training run that `train.py` wires together, flag-free.
 
-- `per_worker_batch_size`: the global batch split over workers and accumulation steps.
 - `Checkpointer`: model + optimizer + data position in a `tf.train.CheckpointManager`; rank 0
   writes and restores, never saves non-finite weights, keeps the last K.
 - `RunGuard`: counts batches, ends the run at its length, and stops every worker at the same
@@ -38,28 +37,6 @@ import tensorflow as tf
 from lars_tf import distributed
 
 CHECKPOINT_SUBDIR = "checkpoints"
-
-
-def per_worker_batch_size(global_batch_size: int, num_workers: int, accumulation_steps: int) -> int:
-    """Examples per micro-batch on each worker: global / (workers x accumulation steps).
-
-    Raises:
-        ValueError: The global batch does not divide evenly.
-    """
-    for name, value in (
-        ("global_batch_size", global_batch_size),
-        ("num_workers", num_workers),
-        ("accumulation_steps", accumulation_steps),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={value!r}")
-    parts = num_workers * accumulation_steps
-    if global_batch_size % parts:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be divisible by workers x accumulation "
-            f"steps = {num_workers} x {accumulation_steps} = {parts}"
-        )
-    return global_batch_size // parts
 
 
 def innermost_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:

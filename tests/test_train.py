@@ -93,13 +93,6 @@ def test_plan_segments_finish_a_partial_epoch_first():
     assert training.plan_segments(10, 10, 4) == []
 
 
-def test_per_worker_batch_size():
-    assert training.per_worker_batch_size(4096, 2, 1) == 2048
-    assert training.per_worker_batch_size(32768, 8, 4) == 1024
-    with pytest.raises(ValueError, match="global_batch_size=100 must be divisible .* 3 x 2 = 6"):
-        training.per_worker_batch_size(100, 3, 2)
-
-
 def test_checkpointer_keeps_the_last_good_checkpoint(tmp_path):
     import keras
 
@@ -199,7 +192,7 @@ def test_single_process_synthetic_run_writes_everything(tmp_path):
     assert results["step"] == 6 and results["examples"] == 32
     assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
     plan = json.loads((model_dir / "plan.json").read_text())
-    assert plan["per_worker_batch_size"] == 16 and plan["total_steps"] == 6
+    assert plan["per_worker_batch_size"] == 16 and plan["total_updates"] == 6
     assert "--global_batch_size=16" in (model_dir / "flags.txt").read_text()
     # Only the newest checkpoints are kept; TensorBoard has epoch scalars and trust ratios.
     names = sorted(p.name for p in (model_dir / "checkpoints").glob("*.index"))
