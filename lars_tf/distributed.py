@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -433,8 +434,12 @@ def run_on_root(function: Callable[[], Any], what: str, root_rank: int = 0) -> A
     outcome = None
     if hvd.rank() == root_rank:
         try:
-            outcome = ("ok", function())
-        except Exception as error:  # every worker must hear of any failure, then all raise
+            result = function()
+            pickle.dumps(result)  # an unpicklable result would fail inside the broadcast
+            outcome = ("ok", result)
+        # BaseException: a KeyboardInterrupt or SystemExit on the root must not leave the
+        # others in the broadcast either; every worker hears of it, then all raise.
+        except BaseException as error:
             failure = error
             outcome = ("failed", f"{type(error).__name__}: {error}")
     status, value = hvd.broadcast_object(outcome, root_rank=root_rank, name="lars_tf_outcome")

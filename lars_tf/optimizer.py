@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import math
 import numbers
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,6 +28,8 @@ from keras import ops
 from lars_tf import keras_internals
 
 STATISTICS = ("local_lr", "weight_norm", "grad_norm")
+
+_log = logging.getLogger(__name__)
 
 
 # Large tensors are summed in blocks of 32 rows x 16 lanes first; see `_l2_norm`.
@@ -180,15 +184,47 @@ def normalization_variable_ids() -> set[int]:
     ConvNeXt's layer scale) nor its rank (rank 1 is also a layer scale or a learned
     temperature) says that it belongs to one. Layers do hold their variables, so the owners
     are found from the layers' side: the live objects of Keras' normalization classes (and
-    their subclasses). One pass over the interpreter's objects, when an optimizer is built.
+    their subclasses). One pass over the interpreter's objects when an optimizer is built
+    (about 0.25 s with 400,000 objects). Objects moved to the permanent generation by
+    `gc.freeze()` are invisible to that pass, so it unfreezes them for the pass and freezes
+    everything again afterwards (freezing only matters to forked workers' copy-on-write).
     """
-    ids: set[int] = set()
-    for obj in gc.get_objects():
-        # `type()`, not `isinstance()`: the latter reads `__class__`, which some modules'
-        # objects turn into a property with a warning.
-        if issubclass(type(obj), _NORMALIZATION_LAYERS):
-            ids.update(id(v) for v in obj.weights)
+    frozen = gc.get_freeze_count()
+    if frozen:
+        gc.unfreeze()
+    try:
+        ids: set[int] = set()
+        for obj in gc.get_objects():
+            # `type()`, not `isinstance()`: the latter reads `__class__`, which some modules'
+            # objects turn into a property with a warning.
+            if issubclass(type(obj), _NORMALIZATION_LAYERS):
+                ids.update(id(v) for v in obj.weights)
+    finally:
+        if frozen:
+            gc.freeze()
     return ids
+
+
+# The names Keras' and most libraries' normalization layers give their scale and offset.
+_NORMALIZATION_NAMES = ("gamma", "beta", "scale", "offset")
+
+
+def _warn_of_lookalikes(variables: Sequence[Any], excluded: Sequence[bool]) -> None:
+    # A normalization layer of another library (not a subclass of Keras' own) is not
+    # recognised: say which variables look like one's and are adapted all the same.
+    lookalikes = [
+        getattr(v, "path", v.name)
+        for v, out in zip(variables, excluded, strict=True)
+        if not out and len(v.shape) == 1 and v.name in _NORMALIZATION_NAMES
+    ]
+    if lookalikes:
+        _log.warning(
+            "exclude_bn_and_bias: %d rank-1 variable(s) named like a normalization layer's "
+            "belong to no Keras normalization layer, so LARS adapts and decays them; exclude "
+            "them by pattern if they are a normalization: %s",
+            len(lookalikes),
+            ", ".join(lookalikes[:10]),
+        )
 
 
 def _is_bias(variable: Any) -> bool:
@@ -292,11 +328,14 @@ class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
 
     For logging, `layer_statistics()` returns, per variable, the local LR, `||w||` and `||g||`
     computed in the last update (with the gradient as LARS saw it: after loss-scale unscaling,
-    clipping, gradient accumulation and all-reduce), written during the update itself into one
+    gradient accumulation, Horovod's all-reduce and clipping; under a tf.distribute strategy
+    Keras clips each replica's share before it sums them), written during the update into one
     `(variables, 3)` optimizer variable (one write per update, not three per variable).
 
     Speed: on the TensorFlow backend the whole update (every variable) is one XLA computation
-    when `jit_compile=True` (the default), whether or not the train step itself is compiled:
+    when `jit_compile=True` (the default), whether or not the train step itself is compiled,
+    except under a tf.distribute strategy, where it runs op by op (the update of each replica
+    is issued from the cross-replica context, which XLA cannot compile as one computation):
     the norms and the momentum step then take less time than Keras' SGD update without XLA
     (`docs/benchmarks.md`). The numbers differ from the uncompiled update only by rounding.
 
@@ -387,9 +426,10 @@ class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
         self.clip_local_lr = clip_local_lr
         self.jit_compile = jit_compile
         # Compiled updates by trainable-variable list, and the statistics of the update being
-        # traced; plain attributes (see `_set_plain`), not state to track or checkpoint.
+        # traced, per thread (tf.distribute may run the update in each replica's thread);
+        # plain attributes (see `_set_plain`), not state to track or checkpoint.
         _set_plain(self, "_xla_updates", {})
-        _set_plain(self, "_pending_statistics", None)
+        _set_plain(self, "_collecting", threading.local())
         # Private names: `exclude_from_weight_decay` is also a method of the base class.
         self._weight_decay_exclusions = _validate_patterns(
             exclude_from_weight_decay, "exclude_from_weight_decay"
@@ -441,6 +481,8 @@ class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
         excluded = [
             self.exclude_bn_and_bias and (_is_bias(v) or id(v) in normalization) for v in variables
         ]
+        if self.exclude_bn_and_bias:
+            _warn_of_lookalikes(variables, excluded)
         self._apply_decay = [
             self.coupled_weight_decay > 0 and self._decays(v, bn_or_bias)
             for v, bn_or_bias in zip(variables, excluded, strict=True)
@@ -494,11 +536,12 @@ class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
         self._xla_updates[key](list(grads), tf.identity(learning_rate))
 
     def _tf_update_replicas(self, distribution, grads_and_vars, learning_rate):
-        # TensorFlow only, once per update, in cross-replica context under a strategy: the
-        # replicas' threads wait here, so the statistics buffer is not shared between threads.
-        # Each replica's update writes the same row (the gradients are all-reduced), so the
-        # table holds the job's values; assigned in cross-replica context, every replica's
-        # copy of the statistics variable receives it.
+        # TensorFlow only, once per update. Under a strategy with merge calls (CPUs, and GPUs
+        # without XLA) it runs in cross-replica context, in one thread, and updates every
+        # replica's copy: each writes the same row (the gradients are all-reduced), and the
+        # table assigned in cross-replica context reaches every replica's copy of the
+        # statistics variable. Without merge calls (MirroredStrategy on GPUs with an XLA train
+        # step) it runs in each replica's thread for that replica: the rows are per thread.
         with self._collecting_statistics():
             keras_internals.update_replicas(self, distribution, grads_and_vars, learning_rate)
 
@@ -512,12 +555,12 @@ class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
     @contextlib.contextmanager
     def _collecting_statistics(self) -> Iterator[None]:
         # `update_step` of variable i puts its row at key i; one write of the table follows.
-        _set_plain(self, "_pending_statistics", {})
+        self._collecting.rows = {}
         try:
             yield
-            rows = self._pending_statistics
+            rows = self._collecting.rows
         finally:
-            _set_plain(self, "_pending_statistics", None)
+            self._collecting.rows = None
         if len(rows) == len(self._statistic_paths):
             table = [rows[i] for i in range(len(rows))]
         else:  # a subset of the variables was updated: the others keep their rows
@@ -566,10 +609,9 @@ class LARS(keras_internals.OptimizerHooks, keras.optimizers.Optimizer):
         if velocity_slot is not None:
             self.assign(velocity_slot, new_velocity)
         self.assign_sub(variable, update)
-        if self._pending_statistics is not None:
-            self._pending_statistics[index] = ops.cast(
-                ops.stack([local_lr, weight_norm, grad_norm]), "float32"
-            )
+        rows = getattr(self._collecting, "rows", None)
+        if rows is not None:
+            rows[index] = ops.cast(ops.stack([local_lr, weight_norm, grad_norm]), "float32")
 
     def layer_statistics(self) -> dict[str, dict[str, float]]:
         """The statistics of the last update, per trainable variable.

@@ -63,3 +63,36 @@ def test_flatten_layers_finds_nested_layers():
     outer = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dense(1, name="head")])
     names = [layer.name for layer in keras_internals.flatten_layers(outer)]
     assert names[0] == outer.name and {"inner_dense", "head", inner.name} <= set(names)
+
+
+def test_the_hooks_are_called_as_lars_relies_on():
+    """Call semantics, not only signatures: once per update, after accumulation."""
+    import numpy as np
+
+    variables = [keras.Variable(np.ones((3, 2), "float32"), name="kernel")]
+    grads = [keras.ops.ones((3, 2))]
+    # Uncompiled, so that Python runs at every update (a compiled update is traced once).
+    optimizer = LARS(0.1, gradient_accumulation_steps=2, jit_compile=False)
+    clips, replica_updates = [], []
+
+    def clip(original, g):
+        clips.append(len(g))
+        return original(g)
+
+    keras_internals.override_instance_method(optimizer, "_clip_gradients", clip)
+    if keras.backend.backend() == "tensorflow":
+        original = optimizer._tf_update_replicas
+
+        def count(*args):
+            replica_updates.append(1)
+            return original(*args)
+
+        object.__setattr__(optimizer, "_tf_update_replicas", count)
+    for _ in range(4):  # 4 micro-batches, 2 updates
+        optimizer.apply(grads, variables)
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 2
+    assert clips == [1, 1]  # once per update, on the accumulated gradients
+    if keras.backend.backend() == "tensorflow":
+        assert replica_updates == [1, 1]  # _distributed_tf_update_step: once per update
+    # _get_current_learning_rate is what `learning_rate` reads (a float here).
+    assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == np.float32(0.1)

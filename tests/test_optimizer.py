@@ -388,8 +388,28 @@ def test_exclude_bn_and_bias_in_a_model():
             assert local_lr != 1.0, variable.path
 
 
+def test_exclude_bn_and_bias_finds_layers_made_before_gc_freeze():
+    """`gc.freeze()` (pre-fork servers, some data loaders) hides objects from `gc.get_objects`;
+    the lookup must still see the batch norm, and leave the objects frozen."""
+    import gc
+
+    model = small_model()
+    gc.freeze()
+    try:
+        optimizer = LARS(weight_decay=5e-4, exclude_bn_and_bias=True)
+        optimizer.build(model.trainable_variables)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    for variable, adapts in zip(
+        model.trainable_variables, optimizer._apply_adaptation, strict=True
+    ):
+        bn_or_bias = variable.path.startswith("bn/") or variable.name == "bias"
+        assert adapts == (not bn_or_bias), variable.path
+
+
 @pytest.mark.parametrize("application", ["ResNet50", "ConvNeXtTiny"])
-def test_exclude_bn_and_bias_means_biases_and_normalization_layers(application):
+def test_exclude_bn_and_bias_means_biases_and_normalization_layers(application, caplog):
     """On keras.applications models, exactly the biases and the variables of normalization
     layers are excluded, by their layer and not by rank: ConvNeXt's layer scales (rank 1,
     named "gamma", like a layer norm's) stay adapted and decayed."""
@@ -414,6 +434,27 @@ def test_exclude_bn_and_bias_means_biases_and_normalization_layers(application):
     assert len(normalization) >= 46  # ConvNeXt-Tiny: 23 layer norms; ResNet-50: 53 BNs
     # ConvNeXt-Tiny has 18 blocks, each with a layer scale; ResNet-50 no rank-1 non-BN variable.
     assert rank_one_kept == (18 if application == "ConvNeXtTiny" else 0)
+    assert not [r for r in caplog.records if "exclude_bn_and_bias" in r.getMessage()]
+
+
+def test_exclude_bn_and_bias_warns_of_normalization_lookalikes_it_does_not_know(caplog):
+    """A normalization layer of another library (here a hand-written RMS norm whose variable
+    is named "scale", as keras_hub's are) is no Keras normalization layer: it is adapted, and
+    the user is told so, by path."""
+
+    class RMSNorm(keras.layers.Layer):
+        def build(self, input_shape):
+            self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+        def call(self, x):
+            return x * self.scale / keras.ops.sqrt(keras.ops.mean(x * x, -1, keepdims=True) + 1e-6)
+
+    model = keras.Sequential([keras.Input((4,)), RMSNorm(name="rms"), keras.layers.Dense(2)])
+    optimizer = LARS(weight_decay=5e-4, exclude_bn_and_bias=True)
+    optimizer.build(model.trainable_variables)
+    assert optimizer._apply_adaptation == [True, True, False]  # rms/scale, kernel, bias
+    warned = [r.getMessage() for r in caplog.records if "exclude_bn_and_bias" in r.getMessage()]
+    assert len(warned) == 1 and "rms/scale" in warned[0], warned
 
 
 def test_layer_statistics_are_the_last_update_values():

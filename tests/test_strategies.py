@@ -10,8 +10,8 @@ which is a different model (see `test_batch_norm_differs_by_the_per_replica_stat
 Keras 3 `fit` fails under `MultiWorkerMirroredStrategy` on TensorFlow 2.21 with Keras' own
 SGD too (keras-team/keras#20585: `_maybe_symbolic_build` reduces a `PerReplica` batch), so
 there LARS is checked in a custom loop (`strategy.run` of a step that calls
-`optimizer.apply`), and `test_keras_fit_under_multi_worker_mirrored` is a strict xfail that
-fails the day Keras fixes it.
+`optimizer.apply`), and `test_keras_fit_under_multi_worker_mirrored_still_fails_upstream`
+checks that exact failure, so that it fails the day Keras fixes it.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ MIXED_RELATIVE_DISTANCE = 1e-3
 
 pytestmark = pytest.mark.slow
 
+# "default" is `jit_compile=True`, which compiles the update with XLA on one device and is
+# ignored under a strategy (the test checks both); "no_xla" is `jit_compile=False`.
 CONFIGS = {
-    "xla": [],
+    "default": [],
     "no_xla": ["--jit_compile=0"],
     "mixed_float16": ["--dtype=mixed_float16"],
 }
@@ -121,6 +123,7 @@ def assert_same_training(got: dict, want: dict, tolerance: dict | None = TOLERAN
     assert len(weights) == 4 and len(statistics) == 4, sorted(want)
     assert sorted(got) == sorted(want)
     assert int(got["iterations"]) == int(want["iterations"]) == 4
+    assert float(got["statistics_spread"]) == 0.0, "the replicas' statistics differ"
     for key in weights:
         if tolerance is None:  # mixed_float16
             distance = np.linalg.norm(got[key] - want[key]) / np.linalg.norm(want[key])
@@ -138,7 +141,12 @@ def assert_same_training(got: dict, want: dict, tolerance: dict | None = TOLERAN
 @pytest.mark.parametrize("config", CONFIGS)
 def test_mirrored_fit_equals_one_device(config, one_device, tmp_path):
     got = run_one_process("mirrored", tmp_path / "mirrored.npz", *CONFIGS[config])
-    assert_same_training(got, one_device(config), _tolerance(config))
+    want = one_device(config)
+    assert_same_training(got, want, _tolerance(config))
+    assert int(got["statistics_copies"]) == 2
+    # One device compiles its update unless told not to; a strategy never does.
+    assert int(want["compiled_updates"]) == (0 if config == "no_xla" else 1)
+    assert int(got["compiled_updates"]) == 0
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -151,19 +159,16 @@ def test_multi_worker_custom_loop_equals_one_device(config, one_device, tmp_path
 
 def test_custom_loop_equals_fit_on_one_device(one_device):
     """The reference of the multi-worker test is itself the `fit` result."""
-    assert_same_training(one_device("xla", "custom"), one_device("xla"))
+    assert_same_training(one_device("default", "custom"), one_device("default"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keras-team/keras#20585: Keras 3 fit under MultiWorkerMirroredStrategy fails in "
-    "_maybe_symbolic_build (strategy.reduce of a PerReplica batch); remove this mark when it "
-    "passes",
-)
-def test_keras_fit_under_multi_worker_mirrored(tmp_path):
-    """Keras' own SGD, no lars_tf involved: the upstream bug itself."""
+def test_keras_fit_under_multi_worker_mirrored_still_fails_upstream(tmp_path):
+    """Keras' own SGD, no lars_tf involved: keras-team/keras#20585 itself. The day this test
+    fails, Keras fixed it: then test LARS's `fit` under MultiWorkerMirroredStrategy too."""
     codes, errors = run_two_workers(tmp_path / "sgd.npz", "--optimizer=sgd")
-    assert codes == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert codes[0] != 0 and codes[1] != 0, "Keras fit under MultiWorkerMirrored works now"
+    for error in errors:
+        assert "Attempt to convert a value (PerReplica" in error, error[-3000:]
 
 
 def test_batch_norm_differs_by_the_per_replica_statistics(tmp_path):

@@ -145,6 +145,19 @@ def main() -> int:
         arrays["loss"] = np.asarray(losses)
         arrays["iterations"] = np.asarray(int(optimizer.iterations.numpy()))
         if args.optimizer == "lars":
+            # Updates compiled on their own with XLA (none under a strategy: see LARS's doc).
+            arrays["compiled_updates"] = np.asarray(len(optimizer._xla_updates))
+            # Every replica's copy of the statistics holds the same table.
+            copies = [
+                np.asarray(c)
+                for c in (strategy or tf.distribute.get_strategy()).experimental_local_results(
+                    optimizer._statistics.value
+                )
+            ]
+            arrays["statistics_copies"] = np.asarray(len(copies))
+            arrays["statistics_spread"] = np.asarray(
+                max(float(np.abs(c - copies[0]).max()) for c in copies)
+            )
             for path, row in optimizer.layer_statistics().items():
                 arrays[f"s_{path}"] = np.asarray(
                     [row[k] for k in ("local_lr", "weight_norm", "grad_norm")]
