@@ -45,6 +45,7 @@ from lars_tf import (  # noqa: E402
     callbacks,
     data,
     distributed,
+    losses,
     models,
     progress,
     training,
@@ -188,7 +189,7 @@ def main(argv: list[str]) -> int:
         optimizer=train_flags.build_optimizer(
             peak_lr, plan.total_updates, plan.warmup_updates, plan.updates_per_epoch
         ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=losses.classification_loss(FLAGS.label_smoothing),
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="top1"),
             keras.metrics.SparseTopKCategoricalAccuracy(
@@ -246,7 +247,11 @@ def main(argv: list[str]) -> int:
     # default) would take longer than the run, so it evaluates only when asked to.
     evaluates = train_flags.dataset_source() != "synthetic" or FLAGS.eval_steps is not None
     evaluation = training.EvaluationCallback(
-        eval_spec.dataset, guard, FLAGS.eval_every_epochs if evaluates else 0, FLAGS.eval_steps
+        eval_spec.dataset,
+        guard,
+        FLAGS.eval_every_epochs if evaluates else 0,
+        FLAGS.eval_steps,
+        target_top1=FLAGS.target_accuracy,
     )
     # Re-estimated batch-norm statistics for the epochs that evaluate (before the
     # evaluation and the checkpoint): few large-batch steps leave the moving averages stale.
@@ -349,9 +354,20 @@ def main(argv: list[str]) -> int:
     results = evaluation.last_results
     if results is None or evaluation.last_step != guard.step:
         results = training.evaluate(model, eval_spec.dataset, FLAGS.eval_steps)
+    summary = {"step": guard.step, **results}
+    if FLAGS.target_accuracy is not None:
+        summary["target_accuracy"] = FLAGS.target_accuracy
+        summary["target_reached"] = evaluation.target_reached
+        reached = evaluation.target_reached
+        report(
+            f"Target top-1 {100 * FLAGS.target_accuracy:.2f}% reached at epoch "
+            f"{reached['epoch']}, update {reached['update']}."
+            if reached
+            else f"Target top-1 {100 * FLAGS.target_accuracy:.2f}% not reached."
+        )
     if distributed.is_rank0():
         with tf.io.gfile.GFile(os.path.join(FLAGS.model_dir, "results.json"), "w") as f:
-            json.dump({"step": guard.step, **results}, f, indent=2)
+            json.dump(summary, f, indent=2)
     report(_result_line(guard.step, results))
     return 0
 

@@ -191,6 +191,13 @@ def define_optimizer_flags(fv: flags.FlagValues = FLAGS) -> None:
         "learning_rate", 0.1, "Base (peak) learning rate, before --lr_scaling; > 0.", flag_values=fv
     )
     flags.DEFINE_float("momentum", 0.9, "Momentum, in [0, 1).", flag_values=fv)
+    flags.DEFINE_float(
+        "label_smoothing",
+        0.0,
+        "Label smoothing of the cross-entropy, in [0, 1): Keras' definition, targets = "
+        "(1 - s) x one-hot + s / classes (MLPerf's ResNet-50 recipes: 0.1).",
+        flag_values=fv,
+    )
     flags.DEFINE_bool("nesterov", False, "Nesterov momentum.", flag_values=fv)
     flags.DEFINE_float("weight_decay", 5e-4, "Coupled weight decay (beta), >= 0.", flag_values=fv)
     flags.DEFINE_float(
@@ -347,6 +354,14 @@ def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
         "Evaluation interval in epochs (0: at the end only).",
         flag_values=fv,
     )
+    flags.DEFINE_float(
+        "target_accuracy",
+        None,
+        "Stop at the first evaluation whose top-1 reaches this fraction (MLPerf's 0.759 for "
+        "ResNet-50), recording its epoch and update in results.json; evaluations happen "
+        "every --eval_every_epochs.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "eval_batch_size",
         None,
@@ -478,6 +493,12 @@ def register_validators(fv: flags.FlagValues = FLAGS) -> None:
     ):
         single(name, lambda v: v is not None and v >= 0, f"--{name} must be >= 0")
     single("momentum", lambda v: 0.0 <= v < 1.0, "--momentum must be in [0, 1)")
+    single("label_smoothing", lambda v: 0.0 <= v < 1.0, "--label_smoothing must be in [0, 1)")
+    single(
+        "target_accuracy",
+        lambda v: v is None or 0.0 < v <= 1.0,
+        "--target_accuracy must be a fraction in (0, 1]",
+    )
     single("dropout", lambda v: v is None or 0.0 <= v < 1.0, "--dropout must be in [0, 1)")
     single("bn_momentum", lambda v: v is None or 0.0 <= v < 1.0, "--bn_momentum must be in [0, 1)")
     single("lr_decay_rate", lambda v: 0.0 < v <= 1.0, "--lr_decay_rate must be in (0, 1]")

@@ -260,6 +260,12 @@ class RunGuard(keras.callbacks.Callback):
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
 
+    def stop(self, reason: str) -> None:
+        """End the run after this batch for `reason` (e.g. "target": an evaluation reached
+        the target accuracy); every worker calls it at the same batch."""
+        self.stop_reason = reason
+        self.model.stop_training = True
+
     @property
     def step(self) -> int:
         """Optimizer steps completed, from the batches consumed."""
@@ -446,10 +452,14 @@ class EvaluationCallback(keras.callbacks.Callback):
             always one when the run reaches its end.
         every_n_epochs: Interval; 0 evaluates at the end of the run only.
         steps: Batches per evaluation; None for the whole split.
+        target_top1: Stop the run (`guard.stop("target")`) at the first evaluation whose
+            top-1 reaches it; None: never.
 
     Attributes:
         last_results: The results of the last evaluation, or None.
         last_step: The optimizer step of the last evaluation, or None.
+        target_reached: `{"epoch", "update", "top1"}` of the first evaluation at or above
+            `target_top1`, or None.
     """
 
     def __init__(
@@ -458,14 +468,17 @@ class EvaluationCallback(keras.callbacks.Callback):
         guard: RunGuard,
         every_n_epochs: int = 1,
         steps: int | None = None,
+        target_top1: float | None = None,
     ):
         super().__init__()
         self.dataset = dataset
         self.guard = guard
         self.every_n_epochs = every_n_epochs
         self.steps = steps
+        self.target_top1 = target_top1
         self.last_results: dict | None = None
         self.last_step: int | None = None
+        self.target_reached: dict | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.guard.stop_reason is not None:
@@ -477,6 +490,14 @@ class EvaluationCallback(keras.callbacks.Callback):
         self.last_step = self.guard.step
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in self.last_results.items() if k != "examples"})
+        if self.target_top1 is not None and self.last_results["top1"] >= self.target_top1:
+            # The results are summed over the workers, so every worker stops at this epoch.
+            self.target_reached = {
+                "epoch": epoch + 1,
+                "update": self.guard.step,
+                "top1": self.last_results["top1"],
+            }
+            self.guard.stop("target")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,8 @@ from lars_tf.data.synthetic import IMAGENET_EXAMPLES  # noqa: E402
 RECIPES = sorted((REPO / "flags").glob("*.cfg"))
 # flags/cifar10_*.cfg are the bases of tools/sweep.py (it adds batch, LR and epochs; parsed in
 # tests/test_sweep.py), not rows of the paper's tables.
-PAPER_RECIPES = [r for r in RECIPES if not r.name.startswith(("demo_", "cifar10_"))]
+# mlperf_*: MLPerf's recipes, tested by test_mlperf_recipes_follow_the_reference.
+PAPER_RECIPES = [r for r in RECIPES if not r.name.startswith(("demo_", "cifar10_", "mlperf_"))]
 
 
 def parse(*argv: str) -> flags.FlagValues:
@@ -196,3 +197,41 @@ def test_sweep_recipes_parse_with_the_sweeps_flags(method, tmp_path):
     )
     assert values.optimizer == ("lars" if method == "lars" else "sgd")
     assert values.dataset == "folder"
+
+
+MLPERF = {  # batch: (base LR, warm-up epochs), the reference's lars_util.py table
+    4096: (10.0, 5),
+    16384: (25.0, 5),
+    32768: (31.2, 25),
+}
+
+
+@pytest.mark.parametrize("batch", sorted(MLPERF))
+def test_mlperf_recipes_follow_the_reference(batch, dirs):
+    recipe = REPO / "flags" / f"mlperf_resnet50_lars_b{batch // 1024}k.cfg"
+    text = recipe.read_text()
+    assert "mlcommons/training" in text and "lars_util.py" in text  # names its source
+    values = parse(f"--flagfile={recipe}", *dirs)
+    lr, warmup_epochs = MLPERF[batch]
+    assert (values.global_batch_size, values.learning_rate, values.warmup_epochs) == (
+        batch,
+        lr,
+        warmup_epochs,
+    )
+    assert values.lr_scaling == "none" and values.optimizer == "lars"
+    assert values.exclude_bn_and_bias and not values.decay_in_norm
+    assert (values.momentum, values.weight_decay, values.trust_coefficient) == (0.9, 2e-4, 0.001)
+    assert values.lars_epsilon == 0.0 and values.label_smoothing == 0.1
+    assert values.eval_every_epochs == 4 and values.target_accuracy == 0.759
+    assert values.preprocessing == "inception"
+    # Linear warm-up to the peak, then poly(2) to 1e-4 over the updates after it.
+    steps_per_epoch = IMAGENET_EXAMPLES["train"] // batch
+    total = train_flags.training_steps(steps_per_epoch, values)
+    warmup = train_flags.warmup_steps(steps_per_epoch, values)
+    schedule = train_flags.build_schedule(lr, total, warmup, steps_per_epoch, values)
+    assert float(schedule(warmup)) == pytest.approx(lr)
+    assert float(schedule(warmup // 2)) == pytest.approx(lr * (warmup // 2) / warmup, rel=1e-5)
+    assert float(schedule(total)) == pytest.approx(1e-4, rel=1e-3)
+    middle = (warmup + total) // 2
+    expected = (lr - 1e-4) * (1 - (middle - warmup) / (total - warmup)) ** 2 + 1e-4
+    assert float(schedule(middle)) == pytest.approx(expected, rel=1e-3)

@@ -18,6 +18,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -451,3 +452,43 @@ def test_progress_line_numbers():
     )
     line = logger.line(40, {}, now=1030.0)
     assert line.endswith("256 images/s lr 0.25 elapsed 0:00:30 eta 0:01:30")
+
+
+def test_target_accuracy_stops_at_the_first_evaluation_that_reaches_it(monkeypatch):
+    """A real `fit` of 5 epochs whose evaluations (stubbed: 0.3, 0.6, 0.8, ...) reach the
+    target 0.75 at the third: the run stops there and records that epoch and update."""
+    scores = iter([0.3, 0.6, 0.8, 0.9, 0.95])
+    evaluated = []
+
+    def fake_evaluate(model, dataset, steps=None):
+        evaluated.append(1)
+        return {"loss": 1.0, "top1": next(scores), "top5": 1.0, "examples": 8}
+
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    x = np.zeros((8, 2), "float32")
+    y = np.zeros((8,), "int32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    guard = training.RunGuard(total_batches=5 * 4)
+    evaluation = training.EvaluationCallback(None, guard, every_n_epochs=1, target_top1=0.75)
+    history = model.fit(x, y, batch_size=2, epochs=5, callbacks=[guard, evaluation], verbose=0)
+    assert len(history.history["loss"]) == 3 and len(evaluated) == 3
+    assert guard.stop_reason == "target"
+    assert evaluation.target_reached == {"epoch": 3, "update": 12, "top1": 0.8}
+
+
+def test_label_smoothing_and_an_unreached_target_in_a_run(tmp_path):
+    model_dir = tmp_path / "run"
+    proc = train(
+        *TINY,
+        *SYNTHETIC,
+        "--train_steps=2",
+        "--eval_steps=1",
+        "--label_smoothing=0.1",
+        "--target_accuracy=1.0",
+        f"--model_dir={model_dir}",
+    )
+    assert "Target top-1 100.00% not reached." in proc.stdout
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["target_accuracy"] == 1.0 and results["target_reached"] is None
+    assert "--label_smoothing=0.1" in (model_dir / "flags.txt").read_text()
