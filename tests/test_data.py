@@ -15,6 +15,7 @@ from jpeg_fixtures import (
     jpeg_bytes,
     official_labels,
     png_bytes,
+    random_pixels,
     tfds_builder,
     write_class_folders,
 )
@@ -138,6 +139,66 @@ def test_paper_mode_on_images_stored_at_the_resize_size_skips_nothing_but_time()
     evaluation = ImagePreprocessor("paper", False, image_size=20, resize_size=26, mean=None)
     got = evaluation(tf.constant(jpeg_bytes(26, 26, seed=6)))
     np.testing.assert_array_equal(got, tf.cast(image, tf.float32)[3:23, 3:23])
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("subsampling", [True, False])
+def test_paper_mode_decodes_only_the_crop_window_of_a_stored_jpeg(channels, subsampling):
+    # Images stored at the resize size (256 x 256 in the paper) are decoded in the crop window
+    # only (decode_and_crop_jpeg): bit for bit the crop of the whole decoded image, and the
+    # crop tf.image.stateless_random_crop cuts with the same seed (the pipeline's crop before).
+    pixels = random_pixels(64, 64, 3, seed=21)
+    data = tf.io.encode_jpeg(pixels, quality=90, chroma_downsampling=subsampling).numpy()
+    whole = tf.io.decode_jpeg(data, channels=channels)
+    preprocessor = ImagePreprocessor(
+        "paper", True, image_size=45, resize_size=64, channels=channels, mean=None
+    )
+    offsets = set()
+    for s in range(16):
+        seed = tf.constant([s, 7], tf.int64)
+        crop_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        window = pp.paper_crop_window(64, 45, crop_seed).numpy()
+        y, x = int(window[0]), int(window[1])
+        offsets.add((y, x))
+        cut = pp._paper_crop(tf.constant(data), tf.constant(window), 64, channels)
+        np.testing.assert_array_equal(cut, whole[y : y + 45, x : x + 45])
+        expected = tf.image.stateless_random_crop(whole, [45, 45, channels], crop_seed)
+        np.testing.assert_array_equal(cut, expected)
+        # The whole preprocessing: that crop, flipped or not.
+        image = preprocessor.prepare(tf.constant(data), None, seed).numpy()
+        assert np.array_equal(image, expected) or np.array_equal(image, expected[:, ::-1])
+    assert len(offsets) > 8  # odd offsets too: windows that do not start on a JPEG block
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (45, 77)])
+def test_decode_and_crop_equals_decoding_whole_and_cropping(height, width):
+    # TensorFlow's decode_and_crop_jpeg alone upsamples a 4:2:0 JPEG's chroma as if the
+    # window's edges were the image's (an edge column off in about half the windows); the
+    # margin decode_and_crop adds makes every window exact, the Inception crop's included.
+    data = jpeg_bytes(height, width, seed=height)  # TensorFlow encodes 4:2:0 by default
+    whole = tf.io.decode_jpeg(data, channels=3).numpy()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = rng.integers(1, height + 1), rng.integers(1, width + 1)
+        y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        window = tf.constant([y, x, h, w], tf.int32)
+        for known_width in (None, tf.constant(width)):
+            np.testing.assert_array_equal(
+                pp.decode_and_crop(tf.constant(data), window, 3, known_width),
+                whole[y : y + h, x : x + w],
+            )
+
+
+def test_paper_mode_crop_of_a_stored_png_and_of_an_image_to_resize():
+    png = png_bytes(26, 26, seed=8)
+    window = tf.constant([5, 2, 20, 20])
+    np.testing.assert_array_equal(
+        pp._paper_crop(tf.constant(png), window, 26, 3), tf.io.decode_png(png)[5:25, 2:22]
+    )
+    other = jpeg_bytes(30, 50, seed=8)
+    np.testing.assert_array_equal(
+        pp._paper_crop(tf.constant(other), window, 26, 3), resized_uint8(other, 26)[5:25, 2:22]
+    )
 
 
 def test_inception_crop_decodes_a_window_guided_by_boxes():

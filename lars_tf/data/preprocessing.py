@@ -4,7 +4,8 @@ Modes, each with a training and an evaluation form:
 
 - `paper`: resize to `resize_size` x `resize_size`, ignoring the aspect ratio as the
   paper's Caffe LMDBs did, then a random `image_size` crop and a random flip; evaluation:
-  the same resize and the central crop.
+  the same resize and the central crop. An image stored at that size (the converter's
+  `resize`) is not resized, and of a JPEG only the crop window is decoded.
 - `inception`: random-resized crop (area 8-100 %, aspect 3/4-4/3; only the crop window of
   a JPEG is decoded), resize to `image_size`, random flip; evaluation: the central square
   of `image_size / resize_size` of the shorter side, resized to `image_size`.
@@ -47,6 +48,9 @@ AREA_RANGE = (0.08, 1.0)
 ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 MIN_OBJECT_COVERED = 0.1
 MAX_ATTEMPTS = 10
+# Columns decoded beyond each side of a JPEG crop window (see `decode_and_crop`): one chroma
+# sample of 2:1 horizontal subsampling, 2 pixels; 1 sufficed in the tests.
+CROP_MARGIN = 2
 
 
 def default_resize_size(image_size: int) -> int:
@@ -88,8 +92,25 @@ def decode(encoded: tf.Tensor, channels: int = 3) -> tf.Tensor:
     return image
 
 
-def decode_and_crop(encoded: tf.Tensor, window: tf.Tensor, channels: int) -> tf.Tensor:
-    """Decodes only `window` (`[y, x, height, width]`) of a JPEG; other formats fully."""
+def decode_and_crop(
+    encoded: tf.Tensor, window: tf.Tensor, channels: int, width: tf.Tensor | None = None
+) -> tf.Tensor:
+    """Decodes only `window` (`[y, x, height, width]`) of a JPEG; other formats fully.
+
+    The same pixels as decoding the whole JPEG and cropping: `tf.image.decode_and_crop_jpeg`
+    alone is not, for chroma-subsampled JPEGs (most of ImageNet), whose chroma it upsamples
+    treating the window's left and right edges as the image's (an edge column off by up to
+    ~25 levels in about half the windows). So the window is widened by `CROP_MARGIN` columns
+    each side within the image (`width`, read from the header when not given), decoded, and
+    cut back."""
+
+    def jpeg():
+        full_width = tf.image.extract_jpeg_shape(encoded)[1] if width is None else width
+        left = tf.maximum(window[1] - CROP_MARGIN, 0)
+        right = tf.minimum(window[1] + window[3] + CROP_MARGIN, full_width)
+        wide = tf.stack([window[0], left, window[2], right - left])
+        image = tf.image.decode_and_crop_jpeg(encoded, wide, channels=channels)
+        return image[:, window[1] - left : window[1] - left + window[3]]
 
     def other():
         image = decode(encoded, channels)
@@ -97,11 +118,7 @@ def decode_and_crop(encoded: tf.Tensor, window: tf.Tensor, channels: int) -> tf.
             image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], -1])
         )
 
-    image = tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.image.decode_and_crop_jpeg(encoded, window, channels=channels),
-        other,
-    )
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     image.set_shape([None, None, channels])
     return image
 
@@ -150,6 +167,39 @@ def _resize_unless_sized(image: tf.Tensor, size: int) -> tf.Tensor:
     shape = tf.shape(image)
     sized = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
     return tf.cond(sized, lambda: image, lambda: _to_uint8(_resize(image, size)))
+
+
+def paper_crop_window(resize_size: int, size: int, seed: tf.Tensor | None) -> tf.Tensor:
+    """The paper mode's `size` crop of the `resize_size` square, as `[y, x, size, size]`:
+    random (the offset `tf.image.stateless_random_crop(image, [size, size, c], seed)` takes,
+    so that the crop is the one it would cut) or, without a seed, central."""
+    if seed is None:
+        offset = tf.fill([2], (resize_size - size) // 2)
+    else:
+        limit = tf.constant([resize_size - size + 1, resize_size - size + 1, 1], tf.int32)
+        offset = (
+            tf.random.stateless_uniform([3], seed, maxval=tf.int32.max, dtype=tf.int32) % limit
+        )[:2]
+    return tf.concat([offset, [size, size]], axis=0)
+
+
+def _paper_crop(encoded: tf.Tensor, window: tf.Tensor, resize_size: int, channels: int):
+    """`window` of the image resized to `resize_size` x `resize_size`. An image stored at
+    that size (the converter's `resize`, the paper's 256 x 256 LMDBs) needs no resize, and
+    a JPEG of it is decoded in that window only (`decode_and_crop`): the same pixels as
+    decoding it whole and cropping, at about 0.8 of the decoding work for 227 of 256."""
+    shape = _shape_of(encoded, channels)
+    sized = tf.logical_and(tf.equal(shape[0], resize_size), tf.equal(shape[1], resize_size))
+
+    def resized():
+        image = _to_uint8(_resize(decode(encoded, channels), resize_size))
+        return tf.slice(
+            image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], -1])
+        )
+
+    image = tf.cond(sized, lambda: decode_and_crop(encoded, window, channels, shape[1]), resized)
+    image.set_shape([None, None, channels])
+    return image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,25 +291,25 @@ class ImagePreprocessor:
         )
         size, channels = self.image_size, self.channels
         if self.mode == "paper":
-            image = _resize_unless_sized(decode(encoded, channels), self.resize_size)
+            window = paper_crop_window(self.resize_size, size, crop_seed if training else None)
+            image = _paper_crop(encoded, window, self.resize_size, channels)
             if training:
-                image = tf.image.stateless_random_crop(image, self.output_shape, crop_seed)
                 image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-            else:
-                offset = (self.resize_size - size) // 2
-                image = image[offset : offset + size, offset : offset + size]
         elif self.mode == "inception" and training:
             if bboxes is None:
                 bboxes = tf.zeros([1, 0, 4], tf.float32)
-            window = random_crop_window(_shape_of(encoded, channels), bboxes, crop_seed)
+            shape = _shape_of(encoded, channels)
+            window = random_crop_window(shape, bboxes, crop_seed)
             # Flipping the (uint8) crop before the resize equals flipping after it, up to
             # float rounding: the half-pixel bilinear grid is mirror-symmetric.
-            crop = decode_and_crop(encoded, window, channels)
+            crop = decode_and_crop(encoded, window, channels, shape[1])
             crop = tf.image.stateless_random_flip_left_right(crop, flip_seed)
             image = _to_uint8(_resize(crop, size))
         elif self.mode in ("inception", "eval"):
-            window = center_crop_window(_shape_of(encoded, channels), size, self.resize_size)
-            image = _to_uint8(_resize(decode_and_crop(encoded, window, channels), size))
+            shape = _shape_of(encoded, channels)
+            window = center_crop_window(shape, size, self.resize_size)
+            crop = decode_and_crop(encoded, window, channels, shape[1])
+            image = _to_uint8(_resize(crop, size))
         else:  # cifar, none
             image = _resize_unless_sized(decode(encoded, channels), size)
             if training:
