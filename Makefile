@@ -19,14 +19,15 @@ TF_PACKAGE ?= tensorflow-cpu==2.21.*
 endif
 BIN := $(VENV)/bin
 
-.PHONY: help install test lint format train bench docker clean
+.PHONY: help install test lint format train bench docker gpu-check clean
 
 help:
 	@echo "make install  create $(VENV), install TensorFlow, lars_tf and Horovod (idempotent)"
 	@echo "make test     ruff + the whole pytest suite this machine supports"
 	@echo "make train    the demo: LARS at a large batch on Fashion-MNIST, 2 Horovod processes"
 	@echo "make bench    benchmarks, written to docs/benchmarks.md"
-	@echo "make docker   build the CPU Docker image lars-tf:cpu"
+	@echo "make docker   build the CPU Docker image lars-tf:cpu (GPU=1: lars-tf:gpu)"
+	@echo "make gpu-check  on a GPU machine, GPU=1: devices, NCCL, images/s, LARS/SGD (runs/gpu_check/)"
 
 install:
 	@VENV='$(VENV)' PYTHON='$(PYTHON)' TF_PACKAGE='$(TF_PACKAGE)' bash tools/install.sh
@@ -58,8 +59,18 @@ bench: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tools/bench.py --output docs/benchmarks.md
 
 # Starts a Docker engine if none runs (tools/docker_engine.sh), then builds with BuildKit.
+# GPU=1: the GPU image lars-tf:gpu, from the same Dockerfile and Debian base.
+ifeq ($(GPU),1)
+DOCKER_ARGS ?= -t lars-tf:gpu --build-arg 'TF_PACKAGE=$(TF_PACKAGE)' --build-arg HOROVOD_GPU_OPERATIONS=NCCL
+else
+DOCKER_ARGS ?= -t lars-tf:cpu
+endif
 docker:
-	bash docker/build.sh -t lars-tf:cpu
+	bash docker/build.sh $(DOCKER_ARGS)
+
+# One command on a machine with GPUs (after `make install GPU=1`): tools/gpu_check.sh.
+gpu-check: install
+	PYTHON=$(BIN)/python bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

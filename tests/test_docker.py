@@ -1,4 +1,4 @@
-"""The CPU Docker image builds with the project's install script, and trains inside it.
+"""The CPU and GPU Docker images build with the project's install script, and train inside them.
 
 tools/docker_engine.sh provides the engine (starting Debian's dockerd as root when none answers)
 and the base image local/debian:bookworm; when it cannot, every test here skips with its reason,
@@ -9,6 +9,7 @@ cached layers and take about a minute. A dockerd started here is stopped at the 
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import uuid
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "lars-tf:cpu-test"
+GPU_TAG = "lars-tf:gpu-test"
 TRAIN_STEPS = 4
 
 
@@ -78,6 +80,10 @@ def test_lars_tf_imports_from_any_directory(docker, image):
 
 def test_horovodrun_two_ranks_train_on_synthetic_data(docker, image, tmp_path):
     """docker/README.md's CPU example: the run lands in the host directory mounted as runs/."""
+    _train_two_ranks(docker, image, tmp_path)
+
+
+def _train_two_ranks(docker: str, image: str, tmp_path: Path) -> None:
     tmp_path.chmod(0o777)  # the image's user (uid 1000) writes the run here
     cmd = [
         *(docker, "run", "--rm", "-v", f"{tmp_path}:/opt/lars_tf/runs", image),
@@ -104,6 +110,38 @@ def test_horovodrun_two_ranks_train_on_synthetic_data(docker, image, tmp_path):
     assert math.isfinite(results["loss"])
     assert (run / "training_log.csv").is_file()
     assert list((run / "checkpoints").iterdir()), "no checkpoint written"
+
+
+@pytest.fixture(scope="module")
+def gpu_image(docker: str) -> str:
+    """`make docker GPU=1`'s image: the same Dockerfile and Debian base, CUDA as wheels."""
+    if os.environ.get("LARS_TF_DOCKER_GPU") == "0":
+        pytest.skip("LARS_TF_DOCKER_GPU=0: the GPU image is not built")
+    args = ["-t", GPU_TAG, "--build-arg", "TF_PACKAGE=tensorflow[and-cuda]==2.21.*"]
+    args += ["--build-arg", "HOROVOD_GPU_OPERATIONS=NCCL"]
+    proc = _run(["bash", str(REPO / "docker" / "build.sh"), *args], 3600, cwd=REPO)
+    assert proc.returncode == 0, f"docker build (GPU) failed:\n{_output(proc, 8000)}"
+    return GPU_TAG
+
+
+def test_gpu_image_has_horovod_with_nccl_and_tensorflow_with_cuda(docker, gpu_image):
+    code = (
+        "import tensorflow as tf, horovod.tensorflow as hvd; "
+        "assert tf.sysconfig.get_build_info()['is_cuda_build']; "
+        "assert hvd.nccl_built() and hvd.cuda_built() and hvd.gloo_built(); "
+        "hvd.init(); gpus = tf.config.list_physical_devices('GPU'); "
+        "print('nccl', hvd.nccl_built(), 'gpus', len(gpus))"
+    )
+    proc = _run([docker, "run", "--rm", gpu_image, "python", "-c", code], 300)
+    assert proc.returncode == 0, _output(proc)
+    assert "gpus 0" in proc.stdout, proc.stdout
+    usage = _run([docker, "run", "--rm", gpu_image], 120)
+    assert "lars-tf:gpu" in usage.stdout, _output(usage)
+
+
+def test_gpu_image_horovodrun_two_ranks_train_on_the_cpu(docker, gpu_image, tmp_path):
+    """The CUDA build of TensorFlow and the NCCL build of Horovod train on the CPU (Gloo)."""
+    _train_two_ranks(docker, gpu_image, tmp_path)
 
 
 def test_optimizer_tests_pass_inside_the_image(docker, image):

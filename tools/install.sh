@@ -3,7 +3,8 @@
 #   1. a virtual environment at $VENV (default .venv) with Python 3.11, if missing;
 #   2. TensorFlow ($TF_PACKAGE: tensorflow-cpu by default, `tensorflow[and-cuda]` for GPUs);
 #   3. this package in editable mode with its extras ($EXTRAS, default "dev");
-#   4. Horovod built from source by tools/build_horovod.sh (cached wheel), then checked.
+#   4. Horovod built from source by tools/build_horovod.sh (cached wheel), then checked; with
+#      HOROVOD_GPU_OPERATIONS=NCCL (`make install GPU=1`) with NCCL, on a GPU-less machine too.
 # Idempotent: a stamp keyed by the inputs of the install makes a second run take about a second.
 set -euo pipefail
 
@@ -15,7 +16,7 @@ TF_PACKAGE=${TF_PACKAGE:-tensorflow-cpu==2.21.*}
 EXTRAS=${EXTRAS:-dev}
 EDITABLE=${EDITABLE:-1}
 
-stamp_key=$(cat setup.cfg pyproject.toml tools/install.sh tools/build_horovod.sh \
+stamp_key=$(cat setup.cfg pyproject.toml tools/install.sh tools/build_horovod.sh tools/cuda_toolkit.sh \
   | { cat; echo "$TF_PACKAGE $EXTRAS $EDITABLE ${HOROVOD_GPU_OPERATIONS:-}"; } | sha256sum | cut -c1-16)
 stamp="$VENV/.lars_tf-installed-$stamp_key"
 if [[ -f "$stamp" && -x "$VENV/bin/python" ]]; then
@@ -58,14 +59,28 @@ wheel=$(PYTHON="$py" tools/build_horovod.sh)
 echo "install: $(basename "$wheel")"
 pip_install "$wheel"
 
-# Fail loudly if Horovod came out without TensorFlow or Gloo (pip would not complain).
-TF_CPP_MIN_LOG_LEVEL=2 "$py" - <<'PY'
+# Fail loudly if Horovod came out without TensorFlow, Gloo or the NCCL asked for (pip would not
+# complain). A GPU build imports and initializes without a GPU or driver too.
+# A wheel that fails here leaves the cache, so the next install builds it again.
+if ! TF_CPP_MIN_LOG_LEVEL=2 LARS_TF_NCCL="${HOROVOD_GPU_OPERATIONS:-}" "$py" - <<'PY'
+import os
+
 import horovod.tensorflow as hvd
 assert hvd.gloo_built(), "Horovod was built without Gloo"
+built = "gloo built"
+if os.environ["LARS_TF_NCCL"] == "NCCL":
+    assert hvd.nccl_built(), "Horovod was built without NCCL (HOROVOD_GPU_OPERATIONS=NCCL)"
+    assert hvd.cuda_built(), "Horovod was built without CUDA"
+    built += f", nccl built (NCCL {hvd.nccl_built()}), cuda built"
 hvd.init()
 assert hvd.size() == 1, hvd.size()
-print("install: horovod.tensorflow OK (gloo built, size 1)")
+print(f"install: horovod.tensorflow OK ({built}, size 1)")
 PY
+then
+  rm -rf "$(dirname "$wheel")"
+  echo "install: the Horovod wheel $wheel failed the check above; removed it from the cache" >&2
+  exit 1
+fi
 rm -f "$VENV"/.lars_tf-installed-*
 touch "$stamp"
 echo "install: done"
