@@ -256,6 +256,35 @@ def test_cli_parses_parts_and_default_outputs(tmp_path):
     assert cli.parse_args(["--parts", "6"]).parts == ["6"]
 
 
+def test_merge_replaces_only_the_parts_measured_and_records_their_run(tmp_path):
+    cli = load_cli()
+    earlier = minimal_results(**{"1": {"targets": [], "kept": True}})
+    earlier["parts"]["3"] = {"targets": [], "old": True}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(earlier))
+    fresh = minimal_results(**{"3": {"targets": [], "new": True}})
+    fresh.update(command="python tools/bench.py --parts 3 --merge", duration_s=60.0)
+    fresh["machine"] = dict(fresh["machine"], date_utc="2026-12-01 23:00 UTC")
+    fresh["skipped_parts"] = {}
+    merged = cli._merged(str(path), fresh)
+    assert merged["parts"]["1"] == {"targets": [], "kept": True}
+    assert merged["parts"]["3"]["new"] and "old" not in merged["parts"]["3"]
+    run = merged["parts"]["3"]["remeasured"]
+    assert run["command"] == "python tools/bench.py --parts 3 --merge"
+    assert merged["skipped_parts"] == {"4": "horovodrun not found"}  # 3 is measured now
+    header = "\n".join(report._header(merged))
+    assert "Re-measured since with `--merge`" in header and "part 3 on 2026-12-01" in header
+    section = "\n".join(report._remeasured(merged["parts"]["3"]))
+    assert "Re-measured on 2026-12-01 23:00 UTC (1.0 min" in section
+    assert "python tools/bench.py --parts 3 --merge" in section
+    assert report._remeasured(merged["parts"]["1"]) == []
+    fresh["mode"] = "full"
+    with pytest.raises(SystemExit, match="is a 'smoke' report"):
+        cli._merged(str(path), fresh)
+    with pytest.raises(SystemExit, match="no earlier report"):
+        cli._merged(str(tmp_path / "none.json"), fresh)
+
+
 # ---------------------------------------------------------------- end to end, tiny sizes
 
 
@@ -316,15 +345,36 @@ def test_smoke_run_measures_parts_1_2_3_5(tmp_path):
     pipeline = results["parts"]["3"]
     assert pipeline["train_examples"] == 12
     assert all_finite_positive(pipeline["variants"])
-    assert set(pipeline["ratios"]) == {
+    before = "as before (shuffle buffer 10,000)"
+    keras_cv = "keras-cv crop + flip of uint8 batches (32 px), stored 256 x 256"
+    expected = {
         "paper (32 px) / limit (images/s)",
+        f"paper (32 px), {before} / limit (images/s)",
         "paper (32 px), normalised in tf.data / limit (images/s)",
         "paper (32 px), stored 256 x 256 / limit (images/s)",
+        "paper (32 px), stored 256 x 256, decoded whole / limit (images/s)",
+        "paper (32 px), stored 256 x 256, as before (decoded whole, shuffle buffer 10,000)"
+        " / limit (images/s)",
         "paper preprocessing alone / limit (images/s)",
         "inception (32 px) / limit (images/s)",
+        f"inception (32 px), {before} / limit (images/s)",
         "inception (32 px), normalised in tf.data / limit (images/s)",
         "inception preprocessing alone / limit (images/s)",
     }
+    if importlib.util.find_spec("keras_cv") is not None:  # measured where installed
+        expected |= {
+            f"{keras_cv} / limit (images/s)",
+            f"{keras_cv} / inception (32 px) (images/s)",
+        }
+    else:
+        assert "keras-cv not installed" in pipeline["keras_cv"]
+    assert set(pipeline["ratios"]) == expected
+    assert set(pipeline["speedups"]) == {
+        "paper (32 px)",
+        "paper (32 px), stored 256 x 256",
+        "inception (32 px)",
+    }
+    assert pipeline["shuffle_buffer"] == 1  # 12 images: 12 / 128 of a buffer, at least 1
     assert "decode only, stored 256 x 256 (limit)" in pipeline["variants"]
     # Targets: train.py's default pipelines (uint8), the stored images' one included.
     assert [t["met"] in (True, False) for t in pipeline["targets"]] == [True, True, True]

@@ -69,6 +69,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-peers", action="store_true", help="skip optax, timm, Model Garden")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="measure only --parts and keep every other part of the earlier report at --json "
+        "(e.g. `--parts 3 --merge --output docs/benchmarks.md`: the input pipeline re-measured "
+        "in the full report); each re-measured part records its own command, date and load",
+    )
+    parser.add_argument(
         "--render",
         metavar="JSON",
         help="measure nothing: write --output from the raw numbers of an earlier run",
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] part {part} done in {elapsed:.0f} s", file=sys.stderr, flush=True)
     results["load_average_end"] = environment.load_average()
     results["duration_s"] = time.perf_counter() - started
+    if args.merge:
+        results = _merged(args.json, results)
     for path in (args.output, args.json):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
@@ -197,6 +206,32 @@ def main(argv: list[str] | None = None) -> int:
         f.write(report.render(results))
     print(f"[bench] wrote {args.output} and {args.json}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _merged(path: str, fresh: dict) -> dict:
+    """The earlier results at `path` with the parts just measured in `fresh` replacing theirs;
+    each of those records the run that measured it (`remeasured`)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--merge: no earlier report at {path} (--json) to merge into")
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    if results.get("mode") != fresh["mode"]:
+        raise SystemExit(
+            f"--merge: {path} is a {results.get('mode')!r} report, this run is {fresh['mode']!r}"
+        )
+    run = {
+        key: fresh.get(key)
+        for key in ("command", "onednn", "threads", "load_average_start", "load_average_end")
+    }
+    run["date_utc"] = fresh["machine"]["date_utc"]
+    run["duration_s"] = fresh["duration_s"]
+    for part, outcome in fresh["parts"].items():
+        results["parts"][part] = {**outcome, "remeasured": run}
+        results["skipped_parts"].pop(part, None)
+    for part, reason in fresh["skipped_parts"].items():
+        results["skipped_parts"][part] = reason
+        results["parts"].pop(part, None)
+    return results
 
 
 def _part3(args, workload, input_pipeline) -> dict:

@@ -15,6 +15,10 @@ Pipelines reading the same train shards, interleaved round by round:
   corrupt-image counting): the preprocessing, apart from the pipeline around it;
 - the same images stored at 256 x 256 (`convert(..., resize=256)`, the paper's format): the
   paper's mode on them against the decoding of those same bytes.
+- keras-cv's random-resized crop and flip (`RandomCropAndResize`, `RandomFlip`) as on-device
+  augmentation of the uint8 batches `--normalize_on_device` ships, when keras-cv is installed
+  (it is not a dependency): the host decodes the stored 256 x 256 images (the bare parallel
+  map) and each batch then goes through keras-cv, against today's tf.data Inception crop.
 
 Each sample opens a fresh iterator, draws a few batches untimed (start-up, shuffle buffer),
 then times the next batches; the iterator is closed before the next pipeline runs so that
@@ -29,7 +33,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from lars_tf.data import build_dataset, convert, preprocessing, sources
+from lars_tf.data import build_dataset, convert, pipeline, preprocessing, sources
 
 from . import environment, timing
 from .workloads import Workload
@@ -42,6 +46,16 @@ STORED_LIMIT = f"decode only, {STORED} (limit)"
 STORED_SIZE = 256
 # The pipeline normalising its float images itself (--nonormalize_on_device).
 HOST = "normalised in tf.data"
+# Suffixes of the variants that show what changed: the stored images decoded whole (the crop
+# before), and the pipelines as measured before, with train.py's 10,000-record shuffle buffer,
+# which holds the whole sample (see `shuffle_buffer_for`).
+WHOLE = "decoded whole"
+FULL_BUFFER = f"shuffle buffer {pipeline.SHUFFLE_BUFFER:,}"
+BEFORE = "as before"
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# keras-cv's crop and flip of uint8 batches (the accelerator's work, here on the same CPU).
+KERAS_CV = "keras-cv crop + flip of uint8 batches"
+KERAS_CV_VS = "inception"
 
 
 def prepare_tfrecords(
@@ -115,6 +129,69 @@ def preprocessing_only_dataset(
     )
 
 
+def stored_batches(stored_dir: str, batch: int, size: int = STORED_SIZE) -> tf.data.Dataset:
+    """Uint8 batches of the images stored at `size` x `size`, decoded whole in the limit's bare
+    parallel map: what an on-device augmentation needs from the host (one image size)."""
+    records = _train_records(stored_dir)
+
+    def decode(*raw):
+        encoded, _, _ = records.parse(*raw)
+        image = preprocessing.decode(encoded, 3)
+        image.set_shape([size, size, 3])
+        return image
+
+    return (
+        records.dataset.repeat()
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        .batch(batch)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def keras_cv_augmentation(image_size: int):
+    """keras-cv's Inception-style random-resized crop (area 8-100 %, aspect 3/4-4/3) and
+    horizontal flip of a uint8 batch, compiled as a tf.function; None when keras-cv is not
+    installed (the reason is returned instead)."""
+    try:
+        import keras
+        import keras_cv
+    except ImportError as error:
+        return None, f"keras-cv not installed ({error})"
+    augment = keras.Sequential(
+        [
+            keras_cv.layers.RandomCropAndResize(
+                (image_size, image_size),
+                crop_area_factor=preprocessing.AREA_RANGE,
+                aspect_ratio_factor=preprocessing.ASPECT_RATIO_RANGE,
+            ),
+            keras_cv.layers.RandomFlip("horizontal"),
+        ]
+    )
+
+    @tf.function
+    def apply(images):
+        return tf.cast(augment(images, training=True), tf.uint8)
+
+    return apply, f"keras-cv {keras_cv.__version__}"
+
+
+def _batch_sampler(dataset: tf.data.Dataset, warmup_batches: int, batches: int, apply):
+    """As `_sampler`, each batch's images then passed through `apply` (and read back)."""
+
+    def sample() -> float:
+        iterator = iter(dataset)
+        for _ in range(warmup_batches):
+            apply(next(iterator)).numpy()
+        began = time.perf_counter()
+        for _ in range(batches):
+            apply(next(iterator)).numpy()
+        elapsed = time.perf_counter() - began
+        del iterator
+        return elapsed
+
+    return sample
+
+
 def _sampler(dataset: tf.data.Dataset, warmup_batches: int, batches: int):
     def sample() -> float:
         iterator = iter(dataset)
@@ -130,19 +207,54 @@ def _sampler(dataset: tf.data.Dataset, warmup_batches: int, batches: int):
     return sample
 
 
-def _training_dataset(data_dir: str, batch: int, mode: str, size: int, normalize: bool = False):
-    # normalize=False: train.py's default (--normalize_on_device), uint8 batches.
-    return build_dataset(
-        "tfrecord",
-        split="train",
-        batch_size=batch,
-        image_size=size,
-        data_dir=data_dir,
-        is_training=True,
-        preprocessing=mode,
-        seed=0,
-        normalize=normalize,
+def shuffle_buffer_for(data_dir: str) -> int:
+    """train.py's shuffle buffer scaled to the sample: `pipeline.SHUFFLE_BUFFER` (10,000
+    records) is 1/128 of ImageNet's 1,281,167 training images, so the sample's buffer is
+    1/128 of its images. A training stream shuffles before it repeats (every epoch holds each
+    image once), so each epoch starts by filling the buffer anew, reading without decoding:
+    once per 128 buffers on ImageNet, but on the sample a 10,000 buffer holds all of it and
+    the whole sample (about one timed sample) is read before each epoch's first image."""
+    _, count = sources.tfrecord_files(data_dir, "train")
+    count = count or sum(1 for _ in _train_records(data_dir).dataset)
+    return max(1, round(count * pipeline.SHUFFLE_BUFFER / IMAGENET_TRAIN_IMAGES))
+
+
+def _whole_decode_crop(encoded, window, resize_size, channels):
+    # The paper mode's crop before it decoded only the window of a stored image.
+    image = preprocessing._resize_unless_sized(preprocessing.decode(encoded, channels), resize_size)
+    return tf.slice(
+        image, tf.stack([window[0], window[1], 0]), tf.stack([window[2], window[3], -1])
     )
+
+
+def _training_dataset(
+    data_dir: str,
+    batch: int,
+    mode: str,
+    size: int,
+    normalize: bool = False,
+    shuffle_buffer: int | None = None,
+    whole_decode: bool = False,
+):
+    # normalize=False: train.py's default (--normalize_on_device), uint8 batches.
+    crop = preprocessing._paper_crop
+    if whole_decode:  # the function is traced by build_dataset, so swapped for that call only
+        preprocessing._paper_crop = _whole_decode_crop
+    try:
+        return build_dataset(
+            "tfrecord",
+            split="train",
+            batch_size=batch,
+            image_size=size,
+            data_dir=data_dir,
+            is_training=True,
+            preprocessing=mode,
+            seed=0,
+            normalize=normalize,
+            shuffle_buffer=shuffle_buffer or shuffle_buffer_for(data_dir),
+        )
+    finally:
+        preprocessing._paper_crop = crop
 
 
 def run(
@@ -158,10 +270,25 @@ def run(
         datasets[STORED_LIMIT] = decode_only_dataset(stored_dir, batch)
         specs["paper, stored"] = _training_dataset(stored_dir, batch, "paper", size)
         datasets[f"paper ({size} px), {STORED}"] = specs["paper, stored"].dataset
+        whole = _training_dataset(stored_dir, batch, "paper", size, whole_decode=True)
+        datasets[f"paper ({size} px), {STORED}, {WHOLE}"] = whole.dataset
+        full = _training_dataset(
+            stored_dir,
+            batch,
+            "paper",
+            size,
+            shuffle_buffer=pipeline.SHUFFLE_BUFFER,
+            whole_decode=True,
+        )
+        datasets[f"paper ({size} px), {STORED}, {BEFORE} ({WHOLE}, {FULL_BUFFER})"] = full.dataset
     for mode, size in workload.pipeline_image_sizes.items():
         spec = _training_dataset(tfrecord_dir, batch, mode, size)
         specs[mode] = spec
         datasets[f"{mode} ({size} px)"] = spec.dataset
+        before = _training_dataset(
+            tfrecord_dir, batch, mode, size, shuffle_buffer=pipeline.SHUFFLE_BUFFER
+        )
+        datasets[f"{mode} ({size} px), {BEFORE} ({FULL_BUFFER})"] = before.dataset
         host = _training_dataset(tfrecord_dir, batch, mode, size, normalize=True)
         specs[f"{mode}, {HOST}"] = host
         datasets[f"{mode} ({size} px), {HOST}"] = host.dataset
@@ -173,6 +300,18 @@ def run(
         name: _sampler(ds, workload.pipeline_warmup_batches, workload.pipeline_batches)
         for name, ds in datasets.items()
     }
+    keras_cv_name, keras_cv_note = None, "no stored 256 x 256 images"
+    if stored_dir is not None and KERAS_CV_VS in workload.pipeline_image_sizes:
+        size = workload.pipeline_image_sizes[KERAS_CV_VS]
+        apply, keras_cv_note = keras_cv_augmentation(size)
+        if apply is not None:
+            keras_cv_name = f"{KERAS_CV} ({size} px), {STORED}"
+            variants[keras_cv_name] = _batch_sampler(
+                stored_batches(stored_dir, batch),
+                workload.pipeline_warmup_batches,
+                workload.pipeline_batches,
+                apply,
+            )
     load_before = environment.load_average()
     samples = timing.run_interleaved(
         variants, repeats=workload.pipeline_rounds, warmup=1, self_timed=True
@@ -186,6 +325,7 @@ def run(
         "batch": batch,
         "images_per_sample": images,
         "num_parallel_calls": "AUTOTUNE",
+        "shuffle_buffer": shuffle_buffer_for(tfrecord_dir),
         "cores": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": environment.load_average(),
@@ -198,6 +338,7 @@ def run(
             for name, s in samples.items()
         },
         "corrupt_images_skipped": {mode: spec.corrupt_count() for mode, spec in specs.items()},
+        "keras_cv": keras_cv_note,
     }
     ratios, targets = {}, []
     for name in samples:
@@ -208,7 +349,15 @@ def run(
         limit = STORED_LIMIT if STORED in name else LIMIT
         ratio = timing.paired_ratio(samples[limit], samples[name])
         ratios[f"{name} / limit (images/s)"] = ratio
-        if name.endswith("alone") or HOST in name:
+        if name == keras_cv_name:
+            today = next(
+                n for n in samples if n.startswith(f"{KERAS_CV_VS} (") and n.endswith("px)")
+            )
+            ratios[f"{name} / {today} (images/s)"] = timing.paired_ratio(
+                samples[today], samples[name]
+            )
+            continue
+        if name.endswith(("alone", WHOLE)) or HOST in name or BEFORE in name:
             continue
         targets.append(
             {
@@ -219,5 +368,13 @@ def run(
             }
         )
     result["ratios"] = ratios
+    # Each pipeline against itself as it was before, in the same rounds: the gain.
+    result["speedups"] = {
+        name.split(f", {BEFORE}")[0]: timing.paired_ratio(
+            samples[name], samples[name.split(f", {BEFORE}")[0]]
+        )
+        for name in samples
+        if BEFORE in name
+    }
     result["targets"] = targets
     return result
