@@ -35,9 +35,17 @@ def _env() -> dict[str, str]:
 
 
 def load_tool():
+    """The tool's module, with its absl flags removed again from the global FlagValues: other
+    tools loaded in the same test process (tools/layer_table.py) define flags of the same
+    names (--output)."""
+    from absl import flags
+
+    before = set(flags.FLAGS)
     spec = importlib.util.spec_from_file_location("plot_run", PLOT_RUN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    for name in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, name)
     return module
 
 
