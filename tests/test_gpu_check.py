@@ -3,11 +3,12 @@
 - tools/gpu_check.sh --cpu_smoke runs every part of the GPU check on the CPU with tiny shapes
   (2 Gloo workers for the equivalence): the report's code paths, whichever Horovod is installed.
 - The Horovod wheel that `make install GPU=1` builds (cached under ~/.cache/lars_tf/wheels/ or
-  $LARS_TF_CACHE) links NCCL and the CUDA runtime of TensorFlow's wheels through an
-  $ORIGIN-relative RUNPATH; checked where that wheel is cached, skipped (saying so) elsewhere:
+  $LARS_TF_CACHE) links NCCL of TensorFlow's wheels through an $ORIGIN-relative RUNPATH and
+  TensorFlow's CUDA runtime; checked where that wheel is cached, skipped (saying so) elsewhere:
   CI does not build the GPU variant, which downloads about 3 GB of CUDA wheels.
 - $LARS_TF_GPU_VENV, when set, names an environment made by `make install GPU=1 VENV=...`:
-  Horovod there imports without a GPU or driver, with NCCL built in.
+  Horovod there imports without a GPU or driver, with NCCL built in, and every CUDA and NCCL
+  symbol it calls is defined by that environment's TensorFlow and NCCL libraries.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _gpu_wheels() -> list[Path]:
     return sorted((CACHE / "wheels").glob("horovod-*_NCCL-cuda12*/horovod-*.whl"))
 
 
-def test_cached_gpu_horovod_wheel_links_nccl_and_cudart_from_the_wheels(tmp_path):
+def test_cached_gpu_horovod_wheel_links_nccl_wheel_and_tensorflows_cuda_runtime(tmp_path):
     wheels = _gpu_wheels()
     if not wheels:
         pytest.skip(
@@ -88,11 +89,14 @@ def test_cached_gpu_horovod_wheel_links_nccl_and_cudart_from_the_wheels(tmp_path
     dynamic = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True)
     assert dynamic.returncode == 0, dynamic.stderr
     assert "[libnccl.so.2]" in dynamic.stdout
-    assert "[libcudart.so.12]" in dynamic.stdout
+    # The cuda* runtime calls bind to the runtime API that TensorFlow's framework library exports
+    # (its stub over the libcudart.so.12 of its wheel): one CUDA runtime in the process.
+    assert "[libtensorflow_framework.so.2]" in dynamic.stdout
     assert "libcuda.so" not in dynamic.stdout.replace("libcudart", "")  # no driver needed
     assert "$ORIGIN/../../nvidia/cuda_runtime/lib:$ORIGIN/../../nvidia/nccl/lib" in dynamic.stdout
     symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True).stdout
     assert "ncclAllReduce" in symbols and "ncclCommInitRank" in symbols
+    assert " U cudaEventRecord" in symbols  # the CUDA operations are compiled in
 
 
 def test_gpu_venv_horovod_has_nccl_and_imports_without_a_gpu():
@@ -110,3 +114,22 @@ def test_gpu_venv_horovod_has_nccl_and_imports_without_a_gpu():
     proc = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "size 1" in proc.stdout
+
+    # Every CUDA runtime symbol Horovod calls is defined by this environment's TensorFlow (so a
+    # call on a GPU cannot fail with an undefined symbol), and NCCL's by its NCCL wheel.
+    site = next((Path(venv) / "lib").glob("python3*/site-packages"))
+    (library,) = (site / "horovod" / "tensorflow").glob("mpi_lib*.so")
+
+    def dynamic_symbols(path: Path, defined: bool) -> set[str]:
+        flag = "--defined-only" if defined else "--undefined-only"
+        out = subprocess.run(["nm", "-D", flag, str(path)], capture_output=True, text=True).stdout
+        return {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
+
+    needed = dynamic_symbols(library, defined=False)
+    cuda = {s for s in needed if s.startswith("cuda")}
+    nccl = {s for s in needed if s.startswith("nccl")}
+    assert cuda and nccl
+    framework = dynamic_symbols(site / "tensorflow" / "libtensorflow_framework.so.2", defined=True)
+    assert cuda <= framework, sorted(cuda - framework)
+    nccl_library = site / "nvidia" / "nccl" / "lib" / "libnccl.so.2"
+    assert nccl <= dynamic_symbols(nccl_library, defined=True)

@@ -15,9 +15,12 @@
 #     CUDA major release (12 for TF 2.21), else the one that tools/cuda_toolkit.sh assembles
 #     from Debian's and PyPI's packages (PyPI's nvcc wheels hold no nvcc);
 #   - NCCL: the nvidia-nccl-cu12 wheel that `tensorflow[and-cuda]` installed, linked shared;
-#   - the CUDA runtime linked shared, so that Horovod uses TensorFlow's libcudart.so.12; both
-#     are found at run time through an $ORIGIN-relative RUNPATH into site-packages/nvidia/, so
-#     the wheel works in any environment with the same wheels, and the build needs no driver;
+#   - the CUDA runtime linked shared: the linker binds Horovod's cuda* calls to the runtime API
+#     that libtensorflow_framework.so.2 exports (TF's stub, which loads the libcudart.so.12 of
+#     its wheel), so Horovod and TF share one runtime (libcudart is dropped as not needed).
+#     NCCL (and libcudart, if a toolkit makes it needed) are found at run time through an
+#     $ORIGIN-relative RUNPATH into site-packages/nvidia/, so the wheel works in any environment
+#     with the same wheels; neither the build nor the import needs a driver;
 #   - kernels for compute capabilities $HOROVOD_BUILD_CUDA_CC_LIST (default 7.0 to 9.0, with
 #     PTX for 9.0, which newer GPUs compile at load time) instead of every one nvcc knows.
 set -euo pipefail

@@ -57,7 +57,9 @@ fi
 
 wheel=$(PYTHON="$py" tools/build_horovod.sh)
 echo "install: $(basename "$wheel")"
-pip_install "$wheel"
+# --force-reinstall: pip skips a wheel whose version is installed already (a CPU build replaced
+# by a GPU build, or a rebuilt wheel, would silently stay the old one).
+pip_install --force-reinstall --no-deps "$wheel"
 
 # Fail loudly if Horovod came out without TensorFlow, Gloo or the NCCL asked for (pip would not
 # complain). A GPU build imports and initializes without a GPU or driver too.
