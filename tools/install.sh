@@ -57,8 +57,11 @@ fi
 
 wheel=$(PYTHON="$py" tools/build_horovod.sh)
 echo "install: $(basename "$wheel")"
-# --force-reinstall: pip skips a wheel whose version is installed already (a CPU build replaced
-# by a GPU build, or a rebuilt wheel, would silently stay the old one).
+# Twice: the first brings Horovod's dependencies (cloudpickle, psutil, pyyaml); the second,
+# --force-reinstall --no-deps, replaces a Horovod of the same version already installed, which
+# pip would otherwise keep (a CPU build replaced by a GPU build, or a rebuilt wheel, would
+# silently stay the old one) without reinstalling every dependency.
+pip_install "$wheel"
 pip_install --force-reinstall --no-deps "$wheel"
 
 # Fail loudly if Horovod came out without TensorFlow, Gloo or the NCCL asked for (pip would not
