@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from typing import Any
 
 import keras
 from absl import flags
 
-from lars_tf import models, plan, schedules
+from lars_tf import data, models, plan, schedules
 from lars_tf.optimizer import LARS
+from lars_tf.trainer import RunInput, TrainerOptions
 
 FLAGS = flags.FLAGS
 
@@ -582,14 +584,21 @@ def per_worker_batch(num_workers: int, flag_values: flags.FlagValues = FLAGS) ->
         raise flags.ValidationError(f"--{error}") from None
 
 
-def check_world(num_workers: int, flag_values: flags.FlagValues = FLAGS) -> None:
-    """Checks that depend on the number of workers; raises `flags.ValidationError`."""
-    per_worker_batch(num_workers, flag_values)
-    if flag_values.xla and num_workers > 1:
-        raise flags.ValidationError(
-            f"--xla cannot be used with {num_workers} Horovod workers: Horovod's all-reduce has "
-            "no XLA kernel in this build; run without --xla"
+def check_engine(engine: Any, flag_values: flags.FlagValues = FLAGS) -> None:
+    """Checks that depend on the engine and its worker count; raises `flags.ValidationError`."""
+    f = flag_values
+    per_worker_batch(engine.processes, f)
+    try:
+        engine.check(
+            global_batch_size=f.global_batch_size,
+            accumulation_steps=f.grad_accum_steps,
+            fp16_allreduce=f.fp16_allreduce,
+            xla=f.xla,
+            bn_recalibration=bool(f.bn_recalibration_batches),
+            dtype=f.dtype,
         )
+    except ValueError as error:
+        raise flags.ValidationError(str(error)) from None
 
 
 def run_plan(
@@ -736,4 +745,106 @@ def build_optimizer(
         clip_local_lr=f.clip_local_lr,
         gradient_accumulation_steps=f.grad_accum_steps if f.grad_accum_steps > 1 else None,
         name=f.optimizer,
+    )
+
+
+def build_input(
+    num_workers: int,
+    rank: int,
+    batch: int,
+    image_size: int,
+    flag_values: flags.FlagValues = FLAGS,
+) -> tuple[data.InputSpec, RunInput]:
+    """This worker's training spec (the first epoch's) and the `lars_tf.trainer.RunInput`.
+
+    `corrupt_count()` of the input is the number of undecodable training images skipped so
+    far, over every pipeline its `dataset_for_epoch` built.
+    """
+    f = flag_values
+    source = dataset_source(f)
+    common = dict(
+        data_dir=f.data_dir,
+        image_size=image_size,
+        preprocessing=f.preprocessing,
+        num_shards=num_workers,
+        shard_index=rank,
+        deterministic=f.deterministic,
+        dtype=f.dtype,
+        num_classes=f.num_classes,
+        resize_size=f.resize_size,
+        channels=f.channels,
+        mean=floats(f.mean),
+        std=floats(f.std),
+        normalize=not f.normalize_on_device,
+    )
+    if source == "synthetic" and f.synthetic_examples:
+        common["num_examples"] = f.synthetic_examples
+
+    def train_spec(epoch: int) -> data.InputSpec:
+        # A resumed run rebuilds the input at its epoch; offset the seed so that epoch's
+        # order is not the first epoch's again.
+        return data.build_dataset(
+            source,
+            split=f.train_split,
+            batch_size=batch,
+            is_training=True,
+            seed=f.seed + epoch,
+            shuffle_buffer=f.shuffle_buffer,
+            **common,
+        )
+
+    first = train_spec(0)
+    built = [first]
+
+    def dataset_for_epoch(epoch: int) -> Any:
+        if epoch == 0:
+            return first.dataset
+        built.append(train_spec(epoch))
+        return built[-1].dataset
+
+    evaluation = data.build_dataset(
+        source,
+        split=f.eval_split,
+        batch_size=f.eval_batch_size or batch,
+        is_training=False,
+        seed=f.seed,
+        **common,
+    )
+    return first, RunInput(
+        dataset_for_epoch,
+        evaluation.dataset,
+        corrupt_count=lambda: sum(s.corrupt_count() for s in built),
+    )
+
+
+def build_model(
+    num_classes: int, image_shape: tuple[int, int, int], flag_values: flags.FlagValues = FLAGS
+) -> keras.Model:
+    return models.build(
+        flag_values.model,
+        num_classes=num_classes,
+        input_shape=image_shape,
+        dtype=flag_values.dtype,
+        **model_options(flag_values),
+    )
+
+
+def trainer_options(terminal: bool, flag_values: flags.FlagValues = FLAGS) -> TrainerOptions:
+    """The `lars_tf.trainer.TrainerOptions` the flags give."""
+    f = flag_values
+    return TrainerOptions(
+        # A synthetic run is a benchmark or a smoke test: evaluating its random images
+        # (50,000 by default) would take longer than the run, so it evaluates only if asked.
+        evaluates=dataset_source(f) != "synthetic" or f.eval_steps is not None,
+        eval_every_epochs=f.eval_every_epochs,
+        eval_steps=f.eval_steps,
+        target_top1=f.target_accuracy,
+        bn_recalibration_batches=f.bn_recalibration_batches,
+        layer_statistics_every_updates=f.log_every_steps,
+        keep_checkpoints=f.keep_checkpoints,
+        # --deterministic: the same batches at every step however often the run is resumed.
+        exact_resume=f.deterministic,
+        compression="fp16" if f.fp16_allreduce else None,
+        jit_compile=f.xla,
+        terminal=terminal,
     )

@@ -18,7 +18,7 @@ Two remedies, both here:
   (PyTorch's `torch.optim.swa_utils.update_bn`, timm's and big_vision's "BN re-estimation"),
   so evaluation no longer depends on the momentum or on the number of steps at all.
 
-Under Horovod each worker re-estimates on its own shard; `lars_tf.training.evaluate`
+Under Horovod each worker re-estimates on its own shard; `lars_tf.evaluation.evaluate`
 averages the statistics across workers before evaluating.
 """
 
@@ -168,7 +168,7 @@ class BatchNormRecalibration(keras.callbacks.Callback):
         num_batches: Batches per re-estimation, >= 1.
         every_n_epochs: Re-estimate after epochs whose number (1-based) is a multiple of
             this; 0 only at the end of training.
-        guard: Optional `lars_tf.training.RunGuard`: nothing is done when it stopped the run
+        guard: Optional `lars_tf.guard.RunGuard`: nothing is done when it stopped the run
             early (NaN, SIGTERM), and the last epoch of a run is always re-estimated. Without
             it, every `every_n_epochs`-th epoch and `on_train_end` are.
     """

@@ -164,18 +164,18 @@ class LayerStatisticsLogger(keras.callbacks.Callback):
         paths, table = [], None
         if hasattr(inner, "statistics_table") and inner.built:
             paths, table = inner.statistics_table()
-        # One device-to-host copy per log, not one per variable: the rate, the step counter
-        # and the statistics table concatenated on the device, read once. float64 keeps the
-        # step counter exact.
-        head = ops.stack([ops.cast(rate, "float64"), ops.cast(optimizer.iterations, "float64")])
-        if paths:
-            head = ops.concatenate([head, ops.reshape(ops.cast(table, "float64"), (-1,))])
-        values = ops.convert_to_numpy(head)
-        rate, steps_done = float(values[0]), int(values[1])
+        # Two device-to-host copies per log, not one per variable: the step counter (an
+        # integer, exact), and the rate and the statistics table concatenated on the device
+        # (float32: JAX has no float64 unless x64 is on).
+        steps_done = int(ops.convert_to_numpy(optimizer.iterations))
         if steps_done == self._due_step:
             return  # The update was skipped (non-finite gradients): nothing new to log.
+        head = ops.reshape(ops.cast(rate, "float32"), (1,))
+        if paths:
+            head = ops.concatenate([head, ops.reshape(ops.cast(table, "float32"), (-1,))])
+        values = ops.convert_to_numpy(head).astype(np.float64)
         step = steps_done - 1  # The last update of this batch (of the execution).
-        self._write(step, rate, paths, values[2:].reshape(len(paths), len(_STATISTICS)))
+        self._write(step, float(values[0]), paths, values[1:].reshape(len(paths), len(_STATISTICS)))
         self._last_step = step
 
     def on_train_end(self, logs=None):

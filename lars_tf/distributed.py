@@ -133,6 +133,30 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+def pin_gpu() -> None:
+    """Give each worker on a machine its own GPU, the one of its `local_rank()`.
+
+    Without it every worker of a machine would place its model on GPU:0. Memory growth is
+    turned on, so that TensorFlow does not reserve the whole GPU up front. Must run before
+    TensorFlow initializes its devices; does nothing on a machine without GPUs.
+
+    Raises:
+        RuntimeError: More workers on this machine than GPUs.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return
+    if local_rank() >= len(gpus):
+        raise RuntimeError(
+            f"worker {rank()} is local rank {local_rank()} of {local_size()} on its machine, "
+            f"which has {len(gpus)} GPU(s): launch at most one worker per GPU (horovodrun -H "
+            f"host:{len(gpus)})"
+        )
+    gpu = gpus[local_rank()]
+    tf.config.experimental.set_memory_growth(gpu, True)
+    tf.config.set_visible_devices(gpu, "GPU")
+
+
 def configure_threads(intra_op: int | None = None, inter_op: int | None = None) -> int:
     """Share this machine's cores among the workers on it.
 

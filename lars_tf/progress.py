@@ -11,6 +11,9 @@ one line per epoch: at ImageNet scale and batch 8K that is 156 updates, minutes 
 (rank 0's shard; averaging them would add a collective to every step); `images/s` counts the
 images of every worker since the previous line; `eta` extrapolates the time per update of
 this process's run so far over the updates left.
+
+`ThroughputCallback` adds the job's training images/s to the epoch logs, and
+`EpochLogAverage` makes the epoch logs those of the whole job.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import time
 from collections.abc import Callable
 
 import keras
+
+from lars_tf.engines.base import Engine
 
 
 def _clock(seconds: float) -> str:
@@ -107,3 +112,53 @@ class ProgressLogger(keras.callbacks.Callback):
             parts.append(f"lr {self.learning_rate():.4g}")
         parts += [f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"]
         return " ".join(parts)
+
+
+class ThroughputCallback(keras.callbacks.Callback):
+    """Adds `images_per_sec` (whole job, training batches only) to the epoch logs.
+
+    Put it before the callbacks that evaluate or checkpoint at epoch end: it stops its clock
+    when its own `on_epoch_end` runs.
+
+    Args:
+        images_per_batch: Images of one micro-batch over all workers (per-worker batch x
+            workers).
+    """
+
+    def __init__(self, images_per_batch: int):
+        super().__init__()
+        self.images_per_batch = images_per_batch
+        self._start = None
+        self._batches = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+        self._batches = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._batches += 1
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None and self._start is not None and self._batches:
+            elapsed = time.perf_counter() - self._start
+            logs["images_per_sec"] = self._batches * self.images_per_batch / max(elapsed, 1e-9)
+
+
+class EpochLogAverage(keras.callbacks.Callback):
+    """Average the epoch logs across workers, so every worker reports the job's numbers.
+
+    Put it before the callbacks that read the epoch logs (progress bar, CSV, TensorBoard,
+    evaluation): Keras passes one logs dict to every callback in order. Batch logs are left
+    local: averaging them would add a collective to every step.
+
+    Args:
+        engine: The run's engine.
+    """
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs:
+            logs.update(self.engine.average_logs(logs, name="lars_tf_epoch_logs"))

@@ -25,7 +25,7 @@ import tensorflow as tf
 from checkpoint_files import checkpoint_values
 from jpeg_fixtures import jpeg_bytes
 
-from lars_tf import training
+from lars_tf import checkpoint, evaluation, guard, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -87,11 +87,11 @@ def test_train_py_turns_onednn_on_unless_the_user_chose(setting, expected):
 
 
 def test_plan_segments_finish_a_partial_epoch_first():
-    Segment = training.Segment
-    assert training.plan_segments(0, 10, 4) == [Segment(0, 3, 4, 0)]  # last epoch cut at 10
-    assert training.plan_segments(6, 10, 4) == [Segment(1, 2, 2, 1), Segment(2, 3, 4, 2)]
-    assert training.plan_segments(8, 12, 4) == [Segment(2, 3, 4, 2)]
-    assert training.plan_segments(10, 10, 4) == []
+    Segment = trainer.Segment
+    assert trainer.plan_segments(0, 10, 4) == [Segment(0, 3, 4, 0)]  # last epoch cut at 10
+    assert trainer.plan_segments(6, 10, 4) == [Segment(1, 2, 2, 1), Segment(2, 3, 4, 2)]
+    assert trainer.plan_segments(8, 12, 4) == [Segment(2, 3, 4, 2)]
+    assert trainer.plan_segments(10, 10, 4) == []
 
 
 def test_checkpointer_keeps_the_last_good_checkpoint(tmp_path):
@@ -102,7 +102,7 @@ def test_checkpointer_keeps_the_last_good_checkpoint(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     optimizer = LARS(0.1)
     optimizer.build(model.trainable_variables)
-    checkpointer = training.Checkpointer(tmp_path, model, optimizer, max_to_keep=2)
+    checkpointer = checkpoint.Checkpointer(tmp_path, model, optimizer, max_to_keep=2)
     assert checkpointer.restore_latest() == 0
     good = checkpointer.save(images_seen=128, step=1)
     model.layers[0].kernel.assign(np.full((3, 2), np.nan, np.float32))
@@ -122,7 +122,7 @@ def test_a_checkpoint_of_another_configuration_is_refused_with_the_reason(tmp_pa
         model = keras.Sequential([keras.Input((3,)), *layers, keras.layers.Dense(2)])
         optimizer = LARS(0.1)
         optimizer.build(model.trainable_variables)
-        return training.Checkpointer(tmp_path, model, optimizer)
+        return checkpoint.Checkpointer(tmp_path, model, optimizer)
 
     written = setup([]).save(images_seen=64, step=1)
     # One layer more (as --normalize_on_device adds in front of a model): not a partial restore.
@@ -140,7 +140,7 @@ def test_a_damaged_checkpoint_is_refused_naming_it(tmp_path):
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(64), keras.layers.Dense(2)])
         optimizer = LARS(0.1)
         optimizer.build(model.trainable_variables)
-        return training.Checkpointer(tmp_path, model, optimizer)
+        return checkpoint.Checkpointer(tmp_path, model, optimizer)
 
     written = setup().save(images_seen=64, step=1)
     (data,) = tmp_path.glob("ckpt-1.data-*")
@@ -460,21 +460,21 @@ def test_target_accuracy_stops_at_the_first_evaluation_that_reaches_it(monkeypat
     scores = iter([0.3, 0.6, 0.8, 0.9, 0.95])
     evaluated = []
 
-    def fake_evaluate(model, dataset, steps=None):
+    def fake_evaluate(model, dataset, steps=None, engine=None):
         evaluated.append(1)
         return {"loss": 1.0, "top1": next(scores), "top5": 1.0, "examples": 8}
 
-    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
     x = np.zeros((8, 2), "float32")
     y = np.zeros((8,), "int32")
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
-    guard = training.RunGuard(total_batches=5 * 4)
-    evaluation = training.EvaluationCallback(None, guard, every_n_epochs=1, target_top1=0.75)
-    history = model.fit(x, y, batch_size=2, epochs=5, callbacks=[guard, evaluation], verbose=0)
+    run_guard = guard.RunGuard(total_batches=5 * 4)
+    callback = evaluation.EvaluationCallback(None, run_guard, every_n_epochs=1, target_top1=0.75)
+    history = model.fit(x, y, batch_size=2, epochs=5, callbacks=[run_guard, callback], verbose=0)
     assert len(history.history["loss"]) == 3 and len(evaluated) == 3
-    assert guard.stop_reason == "target"
-    assert evaluation.target_reached == {"epoch": 3, "update": 12, "top1": 0.8}
+    assert run_guard.stop_reason == "target"
+    assert callback.target_reached == {"epoch": 3, "update": 12, "top1": 0.8}
 
 
 def test_label_smoothing_and_an_unreached_target_in_a_run(tmp_path):

@@ -1,0 +1,126 @@
+"""The interface every engine implements, with the single-process behaviour as its default.
+
+An engine is what makes one training run out of several workers. The trainer asks it, and
+only it, for:
+
+- the world: `processes` (each reads its own shard of the input), `rank` (this process),
+  `replicas` (the data-parallel copies the gradient is averaged over: processes x devices
+  per process for the in-process engines);
+- `scope()`, under which the model and optimizer are built and compiled;
+- `prepare_optimizer`: gradients averaged once per optimizer update;
+- `broadcast` and `run_on_root`: rank 0's restored state on every process;
+- the cross-process collectives of the stop decision, the metrics and the evaluation:
+  `allreduce_max`, `allreduce_sum`, `average_logs`, `average_model_state`,
+  `replica_mismatches`;
+- `checkpointer`: the checkpoint format its backend can write;
+- `check`: the options it cannot run, refused before any work.
+
+Within one process an engine that spreads replicas over devices (a `MirroredStrategy`,
+JAX's `DataParallel`) averages gradients and keeps the replicas equal itself, so every
+cross-process collective is the identity here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class Engine:
+    """One process, one replica: every collective is the identity."""
+
+    name = "single"
+
+    @property
+    def processes(self) -> int:
+        return 1
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def replicas(self) -> int:
+        return self.processes
+
+    def is_rank0(self) -> bool:
+        """The writer predicate: checkpoints, logs and progress come from rank 0 only."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        """One line for the run's banner."""
+        return f"{self.name}: {self.processes} process(es), {self.replicas} replica(s)"
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def configure(self, threads_per_worker: int = 0) -> None:
+        """Set thread counts and devices, before the first operation runs."""
+
+    def check(
+        self,
+        *,
+        global_batch_size: int,
+        accumulation_steps: int,
+        fp16_allreduce: bool,
+        xla: bool,
+        bn_recalibration: bool,
+        dtype: str = "float32",
+    ) -> None:
+        """Raise ValueError, naming the flag, for what this engine cannot run.
+
+        The batch must split evenly over the replicas of one process (the per-process batch
+        is checked by `lars_tf.plan`).
+        """
+        local = self.replicas // self.processes
+        per_process = global_batch_size // (self.processes * accumulation_steps)
+        if local > 1 and per_process % local:
+            raise ValueError(
+                f"--global_batch_size={global_batch_size}: each process's micro-batch of "
+                f"{per_process} does not split over its {local} devices; make the global batch "
+                f"a multiple of {self.replicas * accumulation_steps}"
+            )
+        if fp16_allreduce:
+            raise ValueError(
+                f"--fp16_allreduce is Horovod's compression; --engine={self.name} has no "
+                "float16 all-reduce: run without it"
+            )
+
+    def prepare_optimizer(self, optimizer: Any, compression: str | None = None) -> Any:
+        """Make `optimizer` average its gradients across processes once per update."""
+        return optimizer
+
+    def broadcast(self, model: Any, optimizer: Any) -> None:
+        """Give every process rank 0's weights and optimizer state."""
+
+    def run_on_root(self, function: Callable[[], Any], what: str) -> Any:
+        """`function()` on rank 0, its result (or its failure) on every process."""
+        del what
+        return function()
+
+    def allreduce_max(self, value: float, name: str = "lars_tf_max") -> float:
+        return float(value)
+
+    def allreduce_sum(self, values: Any, name: str = "lars_tf_sum") -> np.ndarray:
+        return np.asarray(values, np.float64)
+
+    def average_logs(self, logs: Mapping[str, Any], name: str = "lars_tf_logs") -> dict:
+        return dict(logs)
+
+    def average_model_state(self, model: Any) -> None:
+        """Average the batch-norm moving statistics across processes."""
+
+    def replica_mismatches(self, variables: Sequence[Any]) -> list[str]:
+        """Variables whose value differs between processes, by path."""
+        return []
+
+    def checkpointer(self, directory: str, model: Any, optimizer: Any, max_to_keep: int):
+        """A `lars_tf.checkpoint` checkpointer for this backend (rank 0 writes)."""
+        from lars_tf import checkpoint  # imports TensorFlow, which launch-time code avoids
+
+        return checkpoint.Checkpointer(
+            directory, model, optimizer, max_to_keep=max_to_keep, is_writer=self.is_rank0()
+        )

@@ -1,0 +1,277 @@
+"""The engines (lars_tf.engines) under train.py: launches refused, replicas equal to one device.
+
+Every run is a real `train.py` process. "Two replicas at B/2 equal one device at B" is checked
+on checkpoints: the engines that keep one replica per device with its own batch-norm
+statistics (tf_distribute, Horovod) are compared on a model without batch norm and dropout,
+where the update is the same sum of gradients; JAX's DataParallel computes the global batch
+in one XLA program, so its batch norm sees the whole batch and it is compared with it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from checkpoint_files import checkpoint_values
+from jpeg_fixtures import jpeg_bytes
+
+from lars_tf.engines import launch
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+TINY = [
+    "--model=alexnet_bn_small",
+    "--width_multiplier=0.125",
+    "--groups=1",
+    "--image_size=32",
+    "--log_every_steps=0",
+    "--global_batch_size=8",
+    "--eval_every_epochs=0",
+    "--progress_every_steps=0",
+]
+SYNTHETIC = ["--synthetic", "--synthetic_examples=32", "--num_classes=10"]
+# No batch norm and no dropout: per-replica statistics and masks would differ by design.
+PLAIN = ["--normalization=none", "--dropout=0"]
+# Float32 sums of 2 half batches against one whole batch, over 3 LARS updates.
+TOLERANCE = dict(rtol=1e-5, atol=2e-6)
+
+
+def environment(**extra: str) -> dict[str, str]:
+    # train.py sets KERAS_BACKEND from --engine; the suite's own setting must not leak in.
+    kept = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    return {**kept, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(*argv: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def array_checkpoint(model_dir: Path) -> dict[str, np.ndarray]:
+    """The latest `ArrayCheckpointer` archive of a JAX run, by variable path."""
+    folder = model_dir / "checkpoints"
+    name = json.loads((folder / "checkpoint.json").read_text())["checkpoints"][-1]
+    with np.load(io.BytesIO((folder / name).read_bytes())) as stored:
+        return {key.split(":", 1)[-1]: stored[key] for key in stored.files}
+
+
+def assert_close(actual: dict, expected: dict, extra: str = "", **tolerance) -> None:
+    """Every float value of `expected` in `actual`; `actual` may add names containing `extra`
+    (gradient accumulators)."""
+    added = actual.keys() - expected.keys()
+    assert expected.keys() <= actual.keys() and all(extra and extra in n for n in added), added
+    compared = 0
+    for name, value in expected.items():
+        if value.dtype.kind != "f":
+            continue
+        np.testing.assert_allclose(actual[name], value, err_msg=name, **tolerance)
+        compared += 1
+    assert compared > 4  # the weights were really compared
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory) -> list[str]:
+    """Flags reading 16 distinct JPEGs of 2 classes in a fixed order, without augmentation:
+    a batch of 8 is then exactly two micro-batches of 4."""
+    root = tmp_path_factory.mktemp("jpegs")
+    for split, count in (("train", 8), ("validation", 2)):
+        for label in "ab":
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i}.JPEG").write_bytes(jpeg_bytes(36, 36, seed=ord(label) * 100 + i))
+    return [
+        "--dataset=folder",
+        f"--data_dir={root}",
+        "--preprocessing=eval",
+        "--deterministic",
+        "--shuffle_buffer=1",
+    ]
+
+
+# --- launch checks (no process) -----------------------------------------------------------
+
+
+TF_CONFIG_2 = json.dumps(
+    {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 0}}
+)
+
+
+@pytest.mark.parametrize(
+    "engine, environ, expected, message",
+    [
+        ("mpi", {}, 0, "--engine='mpi' is not an engine; choose one of horovod, tf_distribute"),
+        ("jax", {"KERAS_BACKEND": "tensorflow"}, 0, "KERAS_BACKEND=tensorflow but --engine=jax"),
+        ("horovod", {"TF_CONFIG": TF_CONFIG_2}, 0, "run with --engine=tf_distribute"),
+        ("horovod", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "run with --engine=jax"),
+        ("tf_distribute", {"HOROVOD_RANK": "0"}, 0, "run with --engine=horovod"),
+        ("jax", {"OMPI_COMM_WORLD_SIZE": "2"}, 0, "run with --engine=horovod"),
+        ("jax", {"TF_CONFIG": TF_CONFIG_2}, 0, "run with --engine=tf_distribute"),
+        ("tf_distribute", {"TF_CONFIG": "{worker"}, 0, "TF_CONFIG is not a tf.distribute"),
+        (
+            "tf_distribute",
+            {"TF_CONFIG": TF_CONFIG_2.replace('"index": 0', '"index": 2')},
+            0,
+            "is not one of the 2 workers its cluster names",
+        ),
+        ("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, 3, "--num_workers=3 but this"),
+        ("horovod", {"HOROVOD_SIZE": "2", "HOROVOD_RANK": "0"}, 4, "has 2 worker process(es)"),
+        ("horovod", {}, 2, "--num_workers=2 but this --engine=horovod launch has 1"),
+    ],
+)
+def test_a_launch_that_does_not_fit_the_engine_is_refused(engine, environ, expected, message):
+    with pytest.raises(launch.LaunchError) as raised:
+        launch.check_launch(engine, dict(environ), expected_workers=expected)
+    assert message in str(raised.value)
+
+
+def test_an_engine_whose_backend_is_missing_names_the_install(monkeypatch):
+    monkeypatch.setattr(launch.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(launch.LaunchError, match="needs the jax package.*make install"):
+        launch.check_launch("jax", {})
+
+
+def test_fitting_launches_pass_and_prepare_the_backend():
+    launch.check_launch("horovod", {"HOROVOD_SIZE": "2", "HOROVOD_RANK": "1"}, expected_workers=2)
+    launch.check_launch("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, expected_workers=2)
+    launch.check_launch("jax", {"KERAS_BACKEND": "jax"})
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    launch.prepare_environment("jax", cpu_devices=2, environ=environ)
+    assert environ["KERAS_BACKEND"] == "jax" and environ["JAX_PLATFORMS"] == "cpu"
+    assert environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2"
+
+
+# --- train.py refuses before any work -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--engine=jax"], {"KERAS_BACKEND": "torch"}, "KERAS_BACKEND=torch but --engine=jax"),
+        # keras-team/keras#20585: fit under MultiWorkerMirroredStrategy fails with Keras' own
+        # SGD (tests/test_strategies.py asserts that failure); the engine refuses it.
+        (["--engine=tf_distribute"], {"TF_CONFIG": TF_CONFIG_2}, "keras-team/keras#20585"),
+        (
+            ["--engine=tf_distribute", "--cpu_devices=2", "--grad_accum_steps=2"],
+            {},
+            "Keras 3's gradient accumulation fails under MirroredStrategy",
+        ),
+        (["--engine=jax", "--fp16_allreduce"], {}, "--fp16_allreduce is Horovod's compression"),
+        (["--cpu_devices=2"], {}, "--cpu_devices is for --engine=tf_distribute and jax"),
+    ],
+)
+def test_train_py_refuses_a_bad_launch_before_any_work(tmp_path, argv, env, message):
+    model_dir = tmp_path / "run"
+    proc = run(
+        *TINY, *SYNTHETIC, "--train_steps=1", *argv, f"--model_dir={model_dir}", check=False, **env
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert not model_dir.exists()
+
+
+# --- equal to one device ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tf_distribute_two_replicas_equal_one_device_and_resume_on_one(tmp_path):
+    common = [*TINY, *SYNTHETIC, *PLAIN, "--train_steps=3", "--checkpoint_every_steps=0"]
+    one = tmp_path / "one"
+    run(*common, f"--model_dir={one}")
+    two = tmp_path / "two"
+    proc = run(*common, "--engine=tf_distribute", "--cpu_devices=2", f"--model_dir={two}")
+    assert "engine tf_distribute: 1 process(es), 2 replica(s)" in proc.stdout
+    assert json.loads((two / "plan.json").read_text())["replicas"] == 2
+    assert_close(checkpoint_values(two), checkpoint_values(one), **TOLERANCE)
+    # The 2-replica checkpoint continues on one device (another replica count), to update 5.
+    longer = [*TINY, *SYNTHETIC, *PLAIN, "--train_steps=5", "--checkpoint_every_steps=0"]
+    proc = run(*longer, "--engine=tf_distribute", f"--model_dir={two}")
+    assert "Resuming from" in proc.stdout and "at step 3." in proc.stdout
+    assert json.loads((two / "results.json").read_text())["step"] == 5
+
+
+@pytest.mark.slow
+def test_jax_two_devices_and_accumulation_equal_one_device(tmp_path, jpeg_folder):
+    # Batch norm included: DataParallel normalises over the global batch, as one device does.
+    common = [*TINY, "--dropout=0", "--engine=jax", "--train_steps=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, *SYNTHETIC, f"--model_dir={one}")
+    proc = run(*common, *SYNTHETIC, "--cpu_devices=2", f"--model_dir={two}")
+    assert "engine jax: 1 process(es), 2 replica(s)" in proc.stdout
+    assert_close(array_checkpoint(two), array_checkpoint(one), **TOLERANCE)
+    # k x B/k = B, on distinct images (synthetic data repeats one batch) and without batch
+    # norm (it normalises each micro-batch alone).
+    plain = [*common, *PLAIN, *jpeg_folder]
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    run(*plain, f"--model_dir={whole}")
+    run(*plain, "--grad_accum_steps=2", f"--model_dir={accumulated}")
+    assert_close(
+        array_checkpoint(accumulated),
+        array_checkpoint(whole),
+        extra="_gradient_accumulator",
+        **TOLERANCE,
+    )
+
+
+@pytest.mark.slow
+def test_jax_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path):
+    common = [*TINY, *SYNTHETIC, "--engine=jax", "--checkpoint_every_steps=1"]
+    diverged = tmp_path / "diverged"
+    run(*common, "--train_steps=2", f"--model_dir={diverged}")
+    proc = run(
+        *common,
+        "--train_steps=6",
+        "--learning_rate=1e25",
+        f"--model_dir={diverged}",
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "became NaN or Inf" in proc.stdout and "was kept" in proc.stdout
+    kept = array_checkpoint(diverged)
+    assert int(kept["images_seen"]) >= 2 * 8
+    assert all(np.isfinite(v).all() for v in kept.values() if v.dtype.kind == "f")
+
+    stopped = tmp_path / "stopped"
+    log = tmp_path / "stopped.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "train.py"),
+                *common,
+                "--train_steps=100000",
+                f"--model_dir={stopped}",
+            ],
+            env=environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (stopped / "checkpoints" / "checkpoint.json").exists():
+            assert child.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=TIMEOUT) == 143, log.read_text()[-3000:]
+    finally:
+        child.kill()
+    output = log.read_text()
+    step = int(output.split("SIGTERM: stopped at step ")[1].split(";")[0])
+    assert f"checkpoint {stopped}/checkpoints/ckpt-{step}.npz." in output
