@@ -6,11 +6,13 @@
 #   GPU=1       install the CUDA build of TensorFlow and build Horovod with NCCL
 #   TF_PACKAGE  the TensorFlow requirement itself (default tensorflow-cpu==2.21.*)
 #   PYTEST_ARGS extra pytest arguments, e.g. PYTEST_ARGS="-m 'not slow'"
-#   NP          Horovod processes for `make train` (default 2)
+#   NP          Horovod processes, or devices of the other engines, for `make train` (default 2)
+#   ENGINE      the engine of `make train`: horovod (default), tf_distribute or jax
 
 VENV ?= .venv
 PYTHON ?= python3.11
 NP ?= 2
+ENGINE ?= horovod
 ifeq ($(GPU),1)
 TF_PACKAGE ?= tensorflow[and-cuda]==2.21.*
 export HOROVOD_GPU_OPERATIONS ?= NCCL
@@ -25,6 +27,7 @@ help:
 	@echo "make install  create $(VENV), install TensorFlow, lars_tf and Horovod (idempotent)"
 	@echo "make test     ruff + the whole pytest suite this machine supports"
 	@echo "make train    the demo: LARS at a large batch on Fashion-MNIST, 2 Horovod processes"
+	@echo "              (ENGINE=tf_distribute or ENGINE=jax: one process over 2 devices)"
 	@echo "make bench    benchmarks, written to docs/benchmarks.md"
 	@echo "make docker   build the CPU Docker image lars-tf:cpu (GPU=1: lars-tf:gpu)"
 	@echo "make gpu-check  on a GPU machine, GPU=1: devices, NCCL, images/s, LARS/SGD (runs/gpu_check/)"
@@ -45,12 +48,23 @@ test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The demo: Fashion-MNIST from Debian's dataset-fashion-mnist package (offline), then a fresh
-# run of flags/demo_fashion_mnist.cfg on $(NP) Horovod processes; it ends with the test accuracy.
+# run of flags/demo_fashion_mnist.cfg on $(NP) Horovod processes, or (ENGINE=tf_distribute,
+# ENGINE=jax) one process over $(NP) devices: the CPU split in $(NP) without GPU=1, the GPUs
+# with it. It ends with the test accuracy.
+ifeq ($(GPU),1)
+DEVICES :=
+else
+DEVICES := --cpu_devices=$(NP)
+endif
 train: install
 	$(BIN)/python tools/get_fashion_mnist.py --data_dir data/tfds --cache_dir data/cache
 	rm -rf runs/demo_fashion_mnist
+ifeq ($(ENGINE),horovod)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 		$(BIN)/python train.py --flagfile=flags/demo_fashion_mnist.cfg
+else
+	$(BIN)/python train.py --flagfile=flags/demo_fashion_mnist.cfg --engine=$(ENGINE) $(DEVICES)
+endif
 
 # Benchmarks, with the peer LARS implementations (optax, timm) installed beside lars_tf first.
 bench: install

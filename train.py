@@ -73,6 +73,9 @@ def _prepare_launch(argv: list[str]) -> Exception | None:
 
 
 _LAUNCH_ERROR = _prepare_launch(sys.argv)
+if _LAUNCH_ERROR is not None:
+    # Before Keras is imported: a KERAS_BACKEND it cannot load would hide the message.
+    sys.exit(f"train.py: {_LAUNCH_ERROR}")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN's CPU kernels; TensorFlow reads the setting once, at import. By default it turns
 # them on only on CPUs with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, so not, e.g., on AMD
@@ -111,8 +114,6 @@ def write_flags(model_dir: str, plan: dict) -> None:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _LAUNCH_ERROR is not None:
-        raise app.UsageError(str(_LAUNCH_ERROR))
     try:
         engine = engines.create(FLAGS.engine, FLAGS.cpu_devices)
     except engines.LaunchError as error:
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> int:
         loss=losses.classification_loss(FLAGS.label_smoothing),
         data=run_input,
         model_dir=FLAGS.model_dir,
-        options=train_flags.trainer_options(terminal=sys.stdout.isatty()),
+        options=train_flags.trainer_options(engine.name, terminal=sys.stdout.isatty()),
     )
     start = trainer.restore()
     if FLAGS.eval_only:

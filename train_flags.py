@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 import keras
+import tensorflow as tf
 from absl import flags
 
 from lars_tf import data, models, plan, schedules
@@ -307,7 +308,7 @@ def define_system_flags(fv: flags.FlagValues = FLAGS) -> None:
         "xla",
         False,
         "Compile the train step with XLA (single process only: Horovod's "
-        "collectives cannot run inside XLA).",
+        "collectives cannot run inside XLA; always on under --engine=jax).",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -403,10 +404,20 @@ def define_run_flags(fv: flags.FlagValues = FLAGS) -> None:
         "Evaluate the latest checkpoint in --model_dir, no training.",
         flag_values=fv,
     )
+    flags.DEFINE_string(
+        "init_weights",
+        None,
+        "Start from these model weights (a Keras .weights.h5 file, e.g. model.save_weights of "
+        "this --model; any backend's) instead of a fresh initialisation; a checkpoint in "
+        "--model_dir still takes precedence.",
+        flag_values=fv,
+    )
 
 
 def define_all(fv: flags.FlagValues = FLAGS) -> None:
-    """Defines every flag of `train.py` in `fv` and registers the validators."""
+    """Defines every flag of `train.py` in `fv` and registers the validators, but the engine
+    flags (`--engine`, `--cpu_devices`, `--num_workers`), which train.py defines itself: it
+    reads them before Keras is imported, and this module imports Keras."""
     define_model_flags(fv)
     define_data_flags(fv)
     define_length_flags(fv)
@@ -505,6 +516,11 @@ def register_validators(fv: flags.FlagValues = FLAGS) -> None:
     single("bn_momentum", lambda v: v is None or 0.0 <= v < 1.0, "--bn_momentum must be in [0, 1)")
     single("lr_decay_rate", lambda v: 0.0 < v <= 1.0, "--lr_decay_rate must be in (0, 1]")
     single("channels", lambda v: v in (1, 3), "--channels must be 1 or 3")
+    single(
+        "init_weights",
+        lambda v: v is None or (v.endswith(".weights.h5") and tf.io.gfile.exists(v)),
+        "--init_weights must name an existing Keras .weights.h5 file",
+    )
     single(
         "dataset",
         lambda v: (
@@ -829,8 +845,10 @@ def build_model(
     )
 
 
-def trainer_options(terminal: bool, flag_values: flags.FlagValues = FLAGS) -> TrainerOptions:
-    """The `lars_tf.trainer.TrainerOptions` the flags give."""
+def trainer_options(
+    engine: str, terminal: bool, flag_values: flags.FlagValues = FLAGS
+) -> TrainerOptions:
+    """The `lars_tf.trainer.TrainerOptions` the flags give, for the engine named."""
     f = flag_values
     return TrainerOptions(
         # A synthetic run is a benchmark or a smoke test: evaluating its random images
@@ -845,6 +863,8 @@ def trainer_options(terminal: bool, flag_values: flags.FlagValues = FLAGS) -> Tr
         # --deterministic: the same batches at every step however often the run is resumed.
         exact_resume=f.deterministic,
         compression="fp16" if f.fp16_allreduce else None,
-        jit_compile=f.xla,
+        # Keras on JAX without jit runs the step op by op: the JAX engine always compiles.
+        jit_compile=True if engine == "jax" else f.xla,
         terminal=terminal,
+        init_weights=f.init_weights,
     )

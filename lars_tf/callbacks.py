@@ -135,7 +135,7 @@ class LayerStatisticsLogger(keras.callbacks.Callback):
         self._pending_rate = None
 
     def on_train_begin(self, logs=None):
-        optimizer = _innermost(self.model.optimizer)
+        optimizer = innermost_optimizer(self.model.optimizer)
         if not hasattr(optimizer, "layer_statistics") and not self._warned:
             self._warned = True
             warnings.warn(
@@ -160,7 +160,7 @@ class LayerStatisticsLogger(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         rate = self._pending_rate if self._pending_rate is not None else optimizer.learning_rate
         self._pending_rate = None
-        inner = _innermost(optimizer)
+        inner = innermost_optimizer(optimizer)
         paths, table = [], None
         if hasattr(inner, "statistics_table") and inner.built:
             paths, table = inner.statistics_table()
@@ -400,7 +400,7 @@ def _histogram_buckets(values: np.ndarray, bucket_count: int = 30) -> np.ndarray
     return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 
 
-def _innermost(optimizer):
+def innermost_optimizer(optimizer):
     """The optimizer that does the updates, under any `LossScaleOptimizer`-style wrappers."""
     while getattr(optimizer, "inner_optimizer", None) is not None:
         optimizer = optimizer.inner_optimizer
@@ -423,9 +423,9 @@ def _learning_rate_variable(optimizer, caller: str) -> keras.Variable:
     if not isinstance(rate, keras.Variable):
         raise TypeError(
             f"{caller} sets `optimizer.learning_rate`, which needs an optimizer built with a "
-            f"float `learning_rate`; {type(_innermost(optimizer)).__name__} was built with "
-            "a schedule or a callable. Pass the schedule to the optimizer instead, or build it "
-            "with a float and drive it from this callback."
+            f"float `learning_rate`; {type(innermost_optimizer(optimizer)).__name__} was built "
+            "with a schedule or a callable. Pass the schedule to the optimizer instead, or build "
+            "it with a float and drive it from this callback."
         )
     return rate
 

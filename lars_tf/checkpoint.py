@@ -107,6 +107,8 @@ class Checkpointer:
             ValueError: The checkpoint was written by another model or optimizer, or its
                 files cannot be read; the message names it and what to do.
         """
+        if self.is_writer:
+            _refuse_other_format(self.directory, ArrayCheckpointer.INDEX, "the JAX engine")
         path = self.latest
         if path is None:
             return 0
@@ -267,6 +269,8 @@ class ArrayCheckpointer:
 
     def restore_latest(self) -> int:
         """As `Checkpointer.restore_latest`: the images consumed, 0 without a checkpoint."""
+        if self.is_writer:
+            _refuse_other_format(self.directory, "checkpoint", "a TensorFlow engine")
         path = self.latest
         if path is None:
             return 0
@@ -282,19 +286,31 @@ class ArrayCheckpointer:
             ) from None
         images = stored.pop("images_seen", None)
         variables = self._variables()
-        shapes = {key: tuple(value.shape) for key, value in stored.items()}
-        wanted = {key: tuple(v.shape) for key, v in variables}
+        # Matched by position and shape: Keras' automatic names (dense_1, ...) depend on what
+        # else the process built, the order of a model's variables does not.
+        saved = [(key, stored[key]) for key in sorted(stored)]
+        shapes = [(key.split(":", 1)[0], tuple(value.shape)) for key, value in saved]
+        wanted = [(key.split(":", 1)[0], tuple(v.shape)) for key, v in variables]
         if images is None or shapes != wanted:
-            differing = sorted(set(shapes.items()) ^ set(wanted.items()))[:3]
+            differing = [
+                (name, shape, here)
+                for (name, shape), (_, here) in zip(
+                    [(k, tuple(v.shape)) for k, v in saved],
+                    [(k, tuple(v.shape)) for k, v in variables],
+                    strict=False,
+                )
+                if shape != here
+            ][:3]
             raise ValueError(
                 f"checkpoint {path} does not match this model and optimizer: it was written "
                 "by another configuration (train.py: another --model or model option, "
                 "--optimizer, --normalize_on_device, or an older lars_tf). Resume with the "
                 "flags that wrote it (flags.txt beside it), or start in a new model directory. "
-                f"First differences (name, shape): {differing}"
+                f"{len(saved)} arrays saved, {len(variables)} variables here; first differences "
+                f"(saved name, saved shape, shape here): {differing}"
             )
-        for key, variable in variables:
-            variable.assign(stored[key])
+        for (_, value), (_, variable) in zip(saved, variables, strict=True):
+            variable.assign(value)
         return int(images)
 
     def save(self, images_seen: int, step: int) -> str | None:
@@ -335,6 +351,16 @@ class ArrayCheckpointer:
         for path in paths:
             _remove(path)
         return paths
+
+
+def _refuse_other_format(directory: str, index: str, engine: str) -> None:
+    """A model directory holds one checkpoint format: resuming across them would silently
+    start from zero and overwrite the run."""
+    if tf.io.gfile.exists(os.path.join(directory, index)):
+        raise ValueError(
+            f"{directory} holds checkpoints of {engine} ({index}): a run resumes on the engine "
+            "that wrote its checkpoints; rerun with that --engine, or use a new model directory"
+        )
 
 
 def _remove(path: str) -> None:

@@ -44,12 +44,13 @@ import numpy as np
 import tensorflow as tf
 
 from lars_tf import keras_internals
+from lars_tf.engines import launch
 
 _log = logging.getLogger(__name__)
 
 # Set by `horovodrun` (Gloo) and by `mpirun` launches of Horovod; their presence means the user
 # asked for a distributed run, so a Horovod that fails to import is an error, not a fallback.
-_LAUNCHER_ENV = ("HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_LAUNCHER_ENV = launch.HOROVOD_LAUNCH
 _COMPRESSIONS = ("none", "fp16")
 # "fp16" scales each gradient so that the float16 sum over workers stays at most 2**15, half
 # of float16's largest finite value (65504), room for the rounding of the partial sums.
@@ -136,23 +137,29 @@ def is_rank0() -> bool:
 def pin_gpu() -> None:
     """Give each worker on a machine its own GPU, the one of its `local_rank()`.
 
-    Without it every worker of a machine would place its model on GPU:0. Memory growth is
-    turned on, so that TensorFlow does not reserve the whole GPU up front. Must run before
-    TensorFlow initializes its devices; does nothing on a machine without GPUs.
-
-    Raises:
-        RuntimeError: More workers on this machine than GPUs.
+    Without it every worker of a machine would place its model on GPU:0. Where each worker
+    sees one GPU only (a scheduler set `CUDA_VISIBLE_DEVICES` per rank) that one is used, and
+    where a machine has fewer GPUs than workers nothing is pinned (with a warning). Memory
+    growth is turned on for the GPU used, so that workers sharing a machine do not each
+    reserve all of its memory up front. Must run before TensorFlow initializes its devices;
+    does nothing without GPUs.
     """
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         return
-    if local_rank() >= len(gpus):
-        raise RuntimeError(
-            f"worker {rank()} is local rank {local_rank()} of {local_size()} on its machine, "
-            f"which has {len(gpus)} GPU(s): launch at most one worker per GPU (horovodrun -H "
-            f"host:{len(gpus)})"
+    if len(gpus) == 1:
+        gpu = gpus[0]
+    elif local_rank() < len(gpus) and local_size() <= len(gpus):
+        gpu = gpus[local_rank()]
+    else:
+        _log.warning(
+            "%d workers on this machine and %d GPUs: not pinning one GPU per worker (launch at "
+            "most one worker per GPU: horovodrun -H host:%d)",
+            local_size(),
+            len(gpus),
+            len(gpus),
         )
-    gpu = gpus[local_rank()]
+        return
     tf.config.experimental.set_memory_growth(gpu, True)
     tf.config.set_visible_devices(gpu, "GPU")
 

@@ -7,6 +7,7 @@ are those of the whole split, on any engine and backend.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
@@ -22,8 +23,19 @@ def _tf_logits(model, images):
     return tf.cast(model(images, training=False), tf.float32)
 
 
+# One compiled inference function per model, kept across evaluations (a new `jax.jit` would
+# compile again at every epoch).
+_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _logits_function(model: keras.Model):
-    """The model's compiled inference function on this backend."""
+    """The model's compiled inference function on this backend (cached per model)."""
+    if model not in _LOGITS:
+        _LOGITS[model] = _make_logits_function(model)
+    return _LOGITS[model]
+
+
+def _make_logits_function(model: keras.Model):
     if keras.backend.backend() == "tensorflow":
         return lambda images: _tf_logits(model, images)
     if keras.backend.backend() == "jax":

@@ -110,6 +110,8 @@ class ProgressLogger(keras.callbacks.Callback):
         parts.append(f"{rate:.0f} images/s")
         if self.learning_rate is not None:
             parts.append(f"lr {self.learning_rate():.4g}")
+        elif "learning_rate" in logs:  # written by `lars_tf.callbacks.LearningRateLogger`
+            parts.append(f"lr {float(logs['learning_rate']):.4g}")
         parts += [f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"]
         return " ".join(parts)
 

@@ -43,13 +43,6 @@ from lars_tf.guard import RunGuard
 from lars_tf.plan import RunPlan
 
 
-def innermost_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
-    """The optimizer doing the updates, under any `LossScaleOptimizer`."""
-    while getattr(optimizer, "inner_optimizer", None) is not None:
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """One `model.fit` call: Keras epochs `[initial_epoch, epochs)` of `steps_per_epoch`."""
@@ -190,6 +183,8 @@ class TrainerOptions:
         compression: Gradient compression of the engine's all-reduce ("fp16" or None).
         jit_compile: `compile(jit_compile=...)`.
         terminal: Whether stdout is a terminal (Keras' progress bar) or a log (progress lines).
+        init_weights: A Keras `.weights.h5` file of the model to start from (any backend's);
+            a checkpoint restored later replaces it.
     """
 
     evaluates: bool = True
@@ -203,6 +198,7 @@ class TrainerOptions:
     compression: str | None = None
     jit_compile: bool | str = "auto"
     terminal: bool = False
+    init_weights: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +247,8 @@ class Trainer:
         self._print = report or (lambda line: print(line, flush=True))
         with engine.scope():
             self.model = build_model()
+            if options.init_weights:
+                self.model.load_weights(options.init_weights)
             num_classes = self.model.output_shape[-1]
             self.model.compile(
                 optimizer=build_optimizer(plan),
@@ -275,6 +273,7 @@ class Trainer:
         )
         self.start_update = 0
         self.restored_images = 0
+        self._restored = False
 
     def report(self, line: str) -> None:
         if self.engine.is_rank0():
@@ -291,6 +290,7 @@ class Trainer:
         )
         self.engine.broadcast(self.model, self.optimizer)
         self.start_update = self.plan.updates_from_images(self.restored_images)
+        self._restored = True
         return self.start_update
 
     def evaluate(self, recalibration_batches: int = 0) -> dict:
@@ -354,7 +354,8 @@ class Trainer:
                 ),
             ]
             if not options.terminal and plan.progress_every_updates:
-                updating = innermost_optimizer(self.optimizer)
+                # The rate is read from the logs LearningRateLogger wrote for this batch: on
+                # JAX the optimizer's variables hold stale values while `fit` runs.
                 run_callbacks.append(
                     progress.ProgressLogger(
                         total_updates=plan.total_updates,
@@ -363,14 +364,16 @@ class Trainer:
                         images_per_update=plan.global_batch_size,
                         every_n_updates=plan.progress_every_updates,
                         accumulation_steps=plan.accumulation_steps,
-                        learning_rate=lambda: float(updating.learning_rate),
                         print_fn=self.report,
                     )
                 )
         return run_callbacks, evaluation
 
     def run(self) -> RunResult:
-        """Train from the restored update (call `restore` first) to the plan's end."""
+        """Train from the latest checkpoint (restored first, unless `restore` ran) to the
+        plan's end."""
+        if not self._restored:
+            self.restore()
         plan = self.plan
         guard = RunGuard(
             plan.micro_batches(plan.total_updates),

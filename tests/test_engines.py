@@ -20,12 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
 from checkpoint_files import checkpoint_values
 from jpeg_fixtures import jpeg_bytes
 
 from lars_tf.engines import launch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # train_flags.py lives at the top level, beside train.py
+import train_flags  # noqa: E402
+
 TIMEOUT = 300
 TINY = [
     "--model=alexnet_bn_small",
@@ -42,6 +46,8 @@ SYNTHETIC = ["--synthetic", "--synthetic_examples=32", "--num_classes=10"]
 PLAIN = ["--normalization=none", "--dropout=0"]
 # Float32 sums of 2 half batches against one whole batch, over 3 LARS updates.
 TOLERANCE = dict(rtol=1e-5, atol=2e-6)
+# The same run on TensorFlow and on JAX (XLA), from the same initial weights.
+ACROSS_BACKENDS = dict(rtol=1e-4, atol=1e-5)
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -63,12 +69,30 @@ def run(*argv: str, check: bool = True, **env: str) -> subprocess.CompletedProce
     return proc
 
 
-def array_checkpoint(model_dir: Path) -> dict[str, np.ndarray]:
-    """The latest `ArrayCheckpointer` archive of a JAX run, by variable path."""
+def array_entries(model_dir: Path) -> list[tuple[str, np.ndarray]]:
+    """The latest `ArrayCheckpointer` archive of a JAX run: (path, value), model variables
+    first, in the model's order, then the optimizer's."""
     folder = model_dir / "checkpoints"
     name = json.loads((folder / "checkpoint.json").read_text())["checkpoints"][-1]
     with np.load(io.BytesIO((folder / name).read_bytes())) as stored:
-        return {key.split(":", 1)[-1]: stored[key] for key in stored.files}
+        keys = sorted(k for k in stored.files if ":" in k)
+        return [("images_seen", stored["images_seen"])] + [
+            (key.split(":", 1)[1], stored[key]) for key in keys
+        ]
+
+
+def array_checkpoint(model_dir: Path) -> dict[str, np.ndarray]:
+    return dict(array_entries(model_dir))
+
+
+def trainable_weights(values: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A TensorFlow checkpoint's trainable weights, in the model's order."""
+    found = []
+    while (key := f"optimizer/_trainable_variables/{len(found)}/.ATTRIBUTES/VARIABLE_VALUE") in (
+        values
+    ):
+        found.append(values[key])
+    return found
 
 
 def assert_close(actual: dict, expected: dict, extra: str = "", **tolerance) -> None:
@@ -113,16 +137,26 @@ TF_CONFIG_2 = json.dumps(
 )
 
 
+TF_CONFIG_1 = json.dumps(
+    {"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 0}}
+)
+
+
 @pytest.mark.parametrize(
     "engine, environ, expected, message",
     [
         ("mpi", {}, 0, "--engine='mpi' is not an engine; choose one of horovod, tf_distribute"),
         ("jax", {"KERAS_BACKEND": "tensorflow"}, 0, "KERAS_BACKEND=tensorflow but --engine=jax"),
         ("horovod", {"TF_CONFIG": TF_CONFIG_2}, 0, "run with --engine=tf_distribute"),
-        ("horovod", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "run with --engine=jax"),
-        ("tf_distribute", {"HOROVOD_RANK": "0"}, 0, "run with --engine=horovod"),
+        ("horovod", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "launch with horovodrun"),
+        ("tf_distribute", {"HOROVOD_SIZE": "2"}, 0, "run with --engine=horovod"),
         ("jax", {"OMPI_COMM_WORLD_SIZE": "2"}, 0, "run with --engine=horovod"),
+        ("jax", {"PMI_SIZE": "4"}, 0, "one of 4 started by horovodrun/mpirun"),
         ("jax", {"TF_CONFIG": TF_CONFIG_2}, 0, "run with --engine=tf_distribute"),
+        ("jax", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "JAX multi-process launch"),
+        # keras-team/keras#20585: fit under MultiWorkerMirroredStrategy fails with Keras' own
+        # SGD (tests/test_strategies.py asserts that failure); the engine refuses it.
+        ("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, 0, "keras-team/keras#20585"),
         ("tf_distribute", {"TF_CONFIG": "{worker"}, 0, "TF_CONFIG is not a tf.distribute"),
         (
             "tf_distribute",
@@ -130,8 +164,9 @@ TF_CONFIG_2 = json.dumps(
             0,
             "is not one of the 2 workers its cluster names",
         ),
-        ("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, 3, "--num_workers=3 but this"),
+        ("tf_distribute", {"TF_CONFIG": TF_CONFIG_1}, 2, "--num_workers=2 but this"),
         ("horovod", {"HOROVOD_SIZE": "2", "HOROVOD_RANK": "0"}, 4, "has 2 worker process(es)"),
+        ("horovod", {"PMI_SIZE": "3"}, 2, "launch has 3 worker process(es)"),
         ("horovod", {}, 2, "--num_workers=2 but this --engine=horovod launch has 1"),
     ],
 )
@@ -149,8 +184,14 @@ def test_an_engine_whose_backend_is_missing_names_the_install(monkeypatch):
 
 def test_fitting_launches_pass_and_prepare_the_backend():
     launch.check_launch("horovod", {"HOROVOD_SIZE": "2", "HOROVOD_RANK": "1"}, expected_workers=2)
-    launch.check_launch("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, expected_workers=2)
-    launch.check_launch("jax", {"KERAS_BACKEND": "jax"})
+    launch.check_launch("horovod", {"PMI_SIZE": "2"}, expected_workers=2)  # MPICH, Slurm
+    # Managed platforms set a one-worker TF_CONFIG, or a malformed one; Horovod ignores it.
+    launch.check_launch("horovod", {"TF_CONFIG": TF_CONFIG_1})
+    launch.check_launch("horovod", {"TF_CONFIG": "{worker"})
+    launch.check_launch("tf_distribute", {"TF_CONFIG": TF_CONFIG_1}, expected_workers=1)
+    launch.check_launch("tf_distribute", {"PMI_SIZE": "1"})  # srun of one task
+    if launch.importlib.util.find_spec("jax") is not None:
+        launch.check_launch("jax", {"KERAS_BACKEND": "jax"})
     environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     launch.prepare_environment("jax", cpu_devices=2, environ=environ)
     assert environ["KERAS_BACKEND"] == "jax" and environ["JAX_PLATFORMS"] == "cpu"
@@ -164,8 +205,6 @@ def test_fitting_launches_pass_and_prepare_the_backend():
     "argv, env, message",
     [
         (["--engine=jax"], {"KERAS_BACKEND": "torch"}, "KERAS_BACKEND=torch but --engine=jax"),
-        # keras-team/keras#20585: fit under MultiWorkerMirroredStrategy fails with Keras' own
-        # SGD (tests/test_strategies.py asserts that failure); the engine refuses it.
         (["--engine=tf_distribute"], {"TF_CONFIG": TF_CONFIG_2}, "keras-team/keras#20585"),
         (
             ["--engine=tf_distribute", "--cpu_devices=2", "--grad_accum_steps=2"],
@@ -189,21 +228,44 @@ def test_train_py_refuses_a_bad_launch_before_any_work(tmp_path, argv, env, mess
 # --- equal to one device ------------------------------------------------------------------
 
 
+def initial_weights(path: Path, argv: list[str]) -> Path:
+    """The weights train.py's model of `argv` starts from, saved as a Keras .weights.h5."""
+    fv = flags.FlagValues()
+    train_flags.define_all(fv)
+    fv(["train.py", *argv, "--model_dir=unused"])
+    train_flags.build_model(10, (32, 32, 3), fv).save_weights(path)
+    return path
+
+
 @pytest.mark.slow
-def test_tf_distribute_two_replicas_equal_one_device_and_resume_on_one(tmp_path):
+def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_path):
     common = [*TINY, *SYNTHETIC, *PLAIN, "--train_steps=3", "--checkpoint_every_steps=0"]
-    one = tmp_path / "one"
-    run(*common, f"--model_dir={one}")
-    two = tmp_path / "two"
-    proc = run(*common, "--engine=tf_distribute", "--cpu_devices=2", f"--model_dir={two}")
+    init = initial_weights(tmp_path / "init.weights.h5", common)
+    common.append(f"--init_weights={init}")
+    horovod, mirrored, jax = tmp_path / "horovod", tmp_path / "mirrored", tmp_path / "jax"
+    run(*common, f"--model_dir={horovod}")
+    proc = run(*common, "--engine=tf_distribute", "--cpu_devices=2", f"--model_dir={mirrored}")
     assert "engine tf_distribute: 1 process(es), 2 replica(s)" in proc.stdout
-    assert json.loads((two / "plan.json").read_text())["replicas"] == 2
-    assert_close(checkpoint_values(two), checkpoint_values(one), **TOLERANCE)
-    # The 2-replica checkpoint continues on one device (another replica count), to update 5.
-    longer = [*TINY, *SYNTHETIC, *PLAIN, "--train_steps=5", "--checkpoint_every_steps=0"]
-    proc = run(*longer, "--engine=tf_distribute", f"--model_dir={two}")
-    assert "Resuming from" in proc.stdout and "at step 3." in proc.stdout
-    assert json.loads((two / "results.json").read_text())["step"] == 5
+    assert json.loads((mirrored / "plan.json").read_text())["replicas"] == 2
+    proc = run(*common, "--engine=jax", "--cpu_devices=2", f"--model_dir={jax}")
+    assert "engine jax: 1 process(es), 2 replica(s)" in proc.stdout
+
+    reference = checkpoint_values(horovod)
+    assert_close(checkpoint_values(mirrored), reference, **TOLERANCE)
+    # JAX: the model's variables come first in its archive; without batch norm and dropout
+    # they are the trainable weights. XLA's CPU kernels round otherwise than TensorFlow's.
+    expected = trainable_weights(reference)
+    actual = [value for _, value in array_entries(jax)[1 : len(expected) + 1]]
+    assert len(expected) == 16 and [a.shape for a in actual] == [e.shape for e in expected]
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, **ACROSS_BACKENDS)
+
+    # Each continues on one device (another replica count), to update 5.
+    for engine, model_dir in (("tf_distribute", mirrored), ("jax", jax)):
+        longer = [*common[:-2], "--train_steps=5", "--checkpoint_every_steps=0"]
+        proc = run(*longer, f"--engine={engine}", f"--model_dir={model_dir}")
+        assert f"Resuming from {model_dir}/checkpoints/ckpt-3" in proc.stdout
+        assert json.loads((model_dir / "results.json").read_text())["step"] == 5
 
 
 @pytest.mark.slow
@@ -242,7 +304,12 @@ def test_jax_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path
         check=False,
     )
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "became NaN or Inf" in proc.stdout and "was kept" in proc.stdout
+    failed = int(proc.stdout.split("became NaN or Inf at step ")[1].split(".")[0])
+    assert f"The last good checkpoint, {diverged}/checkpoints/ckpt-" in proc.stdout
+    # The checkpoint of the failed step (its weights gave the bad loss) was deleted.
+    names = json.loads((diverged / "checkpoints" / "checkpoint.json").read_text())["checkpoints"]
+    assert 2 <= max(int(n[5:-4]) for n in names) < failed
+    assert not (diverged / "checkpoints" / f"ckpt-{failed}.npz").exists()
     kept = array_checkpoint(diverged)
     assert int(kept["images_seen"]) >= 2 * 8
     assert all(np.isfinite(v).all() for v in kept.values() if v.dtype.kind == "f")
@@ -256,6 +323,7 @@ def test_jax_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path
                 str(REPO / "train.py"),
                 *common,
                 "--train_steps=100000",
+                "--checkpoint_every_steps=0",  # at epoch ends (4 updates) and on the SIGTERM
                 f"--model_dir={stopped}",
             ],
             env=environment(),
@@ -264,6 +332,7 @@ def test_jax_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path
         )
     try:
         deadline = time.monotonic() + TIMEOUT
+        # The checkpoint of epoch 1's end: the SIGTERM then lands in a later update.
         while not (stopped / "checkpoints" / "checkpoint.json").exists():
             assert child.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint"
@@ -275,3 +344,4 @@ def test_jax_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path
     output = log.read_text()
     step = int(output.split("SIGTERM: stopped at step ")[1].split(";")[0])
     assert f"checkpoint {stopped}/checkpoints/ckpt-{step}.npz." in output
+    assert (stopped / "checkpoints" / f"ckpt-{step}.npz").exists() and step > 4

@@ -17,10 +17,10 @@ from collections.abc import MutableMapping
 BACKENDS = {"horovod": "tensorflow", "tf_distribute": "tensorflow", "jax": "jax"}
 NAMES = tuple(BACKENDS)
 
-# Set by `horovodrun` (Gloo) and by `mpirun`: the process is one of several Horovod workers.
+# Set by `horovodrun` (Gloo) and by `mpirun` (Open MPI; MPICH, Intel MPI and Slurm's PMI): the
+# process is one of several Horovod workers.
 HOROVOD_LAUNCH = ("HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-# Read by `keras.distribution.initialize` (JAX multi-process).
-JAX_LAUNCH = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
+LAUNCHER_SIZE = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class LaunchError(ValueError):
@@ -57,6 +57,22 @@ def tf_config_workers(environ: MutableMapping[str, str]) -> int:
     return workers
 
 
+def launcher_size(environ: MutableMapping[str, str]) -> int:
+    """The process count that horovodrun or an MPI launcher gives (1 without one)."""
+    for name in LAUNCHER_SIZE:
+        if environ.get(name):
+            return int(environ[name])
+    return 1
+
+
+def _lenient_tf_config_workers(environ: MutableMapping[str, str]) -> int:
+    # For the engines that do not use TF_CONFIG: a malformed one is not their business.
+    try:
+        return tf_config_workers(environ)
+    except LaunchError:
+        return 0
+
+
 def check_launch(
     engine: str,
     environ: MutableMapping[str, str] | None = None,
@@ -73,8 +89,9 @@ def check_launch(
 
     Raises:
         LaunchError: An unknown engine; the engine's backend is missing; `KERAS_BACKEND`
-            names another backend; the launcher is another engine's; a `TF_CONFIG` that is
-            malformed or names another worker count.
+            names another backend; a launch of several processes by another engine's
+            launcher; for tf_distribute a malformed `TF_CONFIG` or one of several workers
+            (keras-team/keras#20585); a worker count other than `expected_workers`.
     """
     environ = os.environ if environ is None else environ
     if engine not in BACKENDS:
@@ -91,42 +108,57 @@ def check_launch(
             f"--engine={engine} needs the {backend} package, which is not installed in this "
             "Python: `make install` installs it"
         )
-    horovod = [v for v in HOROVOD_LAUNCH if v in environ]
-    tf_workers = tf_config_workers(environ)
-    jax_launch = [v for v in JAX_LAUNCH if v in environ]
+    launcher = launcher_size(environ)
+    jax_processes = int(environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1") or 1)
     if engine == "horovod":
-        if tf_workers:
+        # A TF_CONFIG or JAX launch of several processes without horovodrun/mpirun: each
+        # process would train alone. A one-worker TF_CONFIG (managed platforms set one) is fine.
+        if _lenient_tf_config_workers(environ) > 1 and launcher == 1:
             raise LaunchError(
-                "TF_CONFIG is set, which is a tf.distribute launch: run with "
+                "TF_CONFIG names several workers, which is a tf.distribute launch: run with "
                 "--engine=tf_distribute, or unset TF_CONFIG and launch with horovodrun"
             )
-        if jax_launch:
+        if jax_processes > 1 and launcher == 1:
             raise LaunchError(
-                f"{', '.join(jax_launch)} set, which is a JAX multi-process launch: run with "
-                "--engine=jax, or launch with horovodrun"
+                "KERAS_DISTRIBUTION_NUM_PROCESSES > 1 is a JAX multi-process launch: launch "
+                "with horovodrun instead"
             )
-        workers = int(environ.get("HOROVOD_SIZE", environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+        workers = launcher
     else:
-        if horovod:
+        if launcher > 1:
             raise LaunchError(
-                f"this process was started by horovodrun/mpirun ({', '.join(horovod)} set) but "
+                f"this process is one of {launcher} started by horovodrun/mpirun, but "
                 f"--engine={engine} does not use Horovod: run with --engine=horovod, or launch "
-                "with plain python (a TF_CONFIG per process for several tf_distribute workers)"
+                "one plain python process"
             )
-        if engine == "jax" and tf_workers:
-            raise LaunchError(
-                "TF_CONFIG is set, which is a tf.distribute launch: run with "
-                "--engine=tf_distribute, or unset TF_CONFIG"
-            )
-        if engine == "jax":
-            workers = int(environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1"))
+        if engine == "tf_distribute":
+            workers = max(1, tf_config_workers(environ))
+            if workers > 1:
+                raise LaunchError(
+                    f"TF_CONFIG names {workers} workers, but Keras 3's fit under "
+                    "MultiWorkerMirroredStrategy fails on TensorFlow 2.21 (keras-team/keras#20585, "
+                    "with Keras' own optimizers too): run several machines with --engine=horovod "
+                    "(horovodrun), or one machine's devices with --engine=tf_distribute and no "
+                    "TF_CONFIG"
+                )
         else:
-            workers = max(1, tf_workers)
+            if _lenient_tf_config_workers(environ) > 1:
+                raise LaunchError(
+                    "TF_CONFIG names several workers, which is a tf.distribute launch: run with "
+                    "--engine=tf_distribute, or unset TF_CONFIG"
+                )
+            if jax_processes > 1 or "KERAS_DISTRIBUTION_JOB_ADDRESSES" in environ:
+                raise LaunchError(
+                    "a JAX multi-process launch (KERAS_DISTRIBUTION_*): --engine=jax runs one "
+                    "process over its devices for now; run several machines with "
+                    "--engine=horovod (horovodrun)"
+                )
+            workers = 1
     if expected_workers and workers != expected_workers:
         raise LaunchError(
             f"--num_workers={expected_workers} but this --engine={engine} launch has {workers} "
             "worker process(es): launch as many processes as --num_workers says (horovodrun "
-            "-np, the workers of TF_CONFIG, KERAS_DISTRIBUTION_NUM_PROCESSES), or change it"
+            "-np, mpirun -np), or change it"
         )
 
 

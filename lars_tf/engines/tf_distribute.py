@@ -10,15 +10,18 @@ options they break rather than train wrongly: `gradient_accumulation_steps` fail
 `MirroredStrategy`; under `mixed_float16` each replica decides alone whether its gradients are
 finite (an overflow on another replica reaches the weights); and `fit` under
 `MultiWorkerMirroredStrategy` fails on TensorFlow 2.21 with Keras' own SGD too
-(keras-team/keras#20585; `tests/scripts/strategy_fit.py multi_worker` reproduces it), so a
-`TF_CONFIG` of several workers is refused until Keras fixes it.
+(keras-team/keras#20585; `tests/scripts/strategy_fit.py multi_worker` reproduces it), so
+`lars_tf.engines.launch` refuses a `TF_CONFIG` of several workers until Keras fixes it.
 """
 
 from __future__ import annotations
 
+import zlib
+
+import keras
+import numpy as np
 import tensorflow as tf
 
-from lars_tf.engines import launch
 from lars_tf.engines.base import Engine
 
 
@@ -26,15 +29,6 @@ class TFDistributeEngine(Engine):
     name = "tf_distribute"
 
     def __init__(self, cpu_devices: int = 0) -> None:
-        workers = launch.tf_config_workers(launch.os.environ)
-        if workers > 1:
-            raise launch.LaunchError(
-                f"TF_CONFIG names {workers} workers, but Keras 3's fit under "
-                "MultiWorkerMirroredStrategy fails on TensorFlow 2.21 (keras-team/keras#20585, "
-                "with Keras' own optimizers too): run several machines with --engine=horovod "
-                "(horovodrun), or one machine's devices with --engine=tf_distribute and no "
-                "TF_CONFIG"
-            )
         self.cpu_devices = cpu_devices
         self._strategy: tf.distribute.Strategy | None = None
 
@@ -82,3 +76,35 @@ class TFDistributeEngine(Engine):
                 "replica's overflow reaches the weights; use mixed_bfloat16 (no loss scaling), "
                 "or --engine=horovod, which agrees on that decision across workers"
             )
+
+    def average_model_state(self, model) -> None:
+        # Keras creates the batch-norm moving statistics with aggregation "none": under the
+        # strategy each replica updates its own copy from its share of the batch, and the
+        # copies drift apart. Average them, as Horovod's workers do, before evaluating and
+        # saving (a checkpoint would otherwise hold the first replica's).
+        for variable in model.non_trainable_weights:
+            copies = _copies(variable)
+            if len(copies) < 2 or not _is_float(variable):
+                continue
+            mean = tf.add_n([tf.convert_to_tensor(c) for c in copies]) / len(copies)
+            for copy in copies:
+                copy.assign(mean)
+
+    def replica_mismatches(self, variables) -> list[str]:
+        differing = []
+        for variable in variables:
+            copies = _copies(variable)
+            prints = {zlib.crc32(np.ascontiguousarray(c.numpy()).tobytes()) for c in copies}
+            if len(prints) > 1:
+                differing.append(getattr(variable, "path", variable.name))
+        return differing
+
+
+def _copies(variable) -> list:
+    """The per-replica copies of a mirrored variable (one entry otherwise)."""
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    return list(getattr(value, "values", [value]))
+
+
+def _is_float(variable) -> bool:
+    return keras.backend.standardize_dtype(variable.dtype).startswith(("float", "bfloat"))
