@@ -34,6 +34,21 @@ def _first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [""])[0][:500]
 
 
+def _valid_max_to_keep(max_to_keep: Any) -> int:
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+        raise ValueError(f"`max_to_keep` must be an int >= 1. Received: {max_to_keep!r}")
+    return max_to_keep
+
+
+def _not_this_model(path: str, detail: str) -> ValueError:
+    return ValueError(
+        f"checkpoint {path} does not match this model and optimizer: it was written by another "
+        "configuration (train.py: another --model or model option, --optimizer, "
+        "--normalize_on_device, or an older lars_tf). Resume with the flags that wrote it "
+        f"(flags.txt beside it), or start in a new model directory. {detail}"
+    )
+
+
 def _is_float(variable: Any) -> bool:
     return keras.backend.standardize_dtype(variable.dtype).startswith(("float", "bfloat"))
 
@@ -71,10 +86,8 @@ class Checkpointer:
         max_to_keep: int = 5,
         is_writer: bool = True,
     ):
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-            raise ValueError(f"`max_to_keep` must be an int >= 1. Received: {max_to_keep!r}")
         self.directory = os.fspath(directory)
-        self.max_to_keep = max_to_keep
+        self.max_to_keep = _valid_max_to_keep(max_to_keep)
         self.model = model
         self.is_writer = is_writer
         # Images, not batches: the data position survives a change of the worker count.
@@ -118,13 +131,7 @@ class Checkpointer:
         try:
             self._checkpoint.restore(path).assert_existing_objects_matched()
         except (AssertionError, ValueError) as error:
-            raise ValueError(
-                f"checkpoint {path} does not match this model and optimizer: it was written "
-                "by another configuration (train.py: another --model or model option, "
-                "--optimizer, --normalize_on_device, or an older lars_tf). Resume with the "
-                "flags that wrote it (flags.txt beside it), or start in a new model directory. "
-                f"TensorFlow says: {_first_line(error)}"
-            ) from None
+            raise _not_this_model(path, f"TensorFlow says: {_first_line(error)}") from None
         except Exception as error:  # TF reports damaged files in many forms (IndexError too)
             raise ValueError(
                 f"checkpoint {path} cannot be read: its files are damaged or incomplete. To "
@@ -230,10 +237,8 @@ class ArrayCheckpointer:
         max_to_keep: int = 5,
         is_writer: bool = True,
     ):
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-            raise ValueError(f"`max_to_keep` must be an int >= 1. Received: {max_to_keep!r}")
         self.directory = os.fspath(directory)
-        self.max_to_keep = max_to_keep
+        self.max_to_keep = _valid_max_to_keep(max_to_keep)
         self.model = model
         self.optimizer = optimizer
         self.is_writer = is_writer
@@ -301,13 +306,10 @@ class ArrayCheckpointer:
                 )
                 if shape != here
             ][:3]
-            raise ValueError(
-                f"checkpoint {path} does not match this model and optimizer: it was written "
-                "by another configuration (train.py: another --model or model option, "
-                "--optimizer, --normalize_on_device, or an older lars_tf). Resume with the "
-                "flags that wrote it (flags.txt beside it), or start in a new model directory. "
+            raise _not_this_model(
+                path,
                 f"{len(saved)} arrays saved, {len(variables)} variables here; first differences "
-                f"(saved name, saved shape, shape here): {differing}"
+                f"(saved name, saved shape, shape here): {differing}",
             )
         for (_, value), (_, variable) in zip(saved, variables, strict=True):
             variable.assign(value)

@@ -571,7 +571,7 @@ def replica_mismatches(variables: Sequence[Any]) -> list[str]:
     Each worker fingerprints its values (CRC-32 of the bytes) and compares them with rank 0's;
     every worker gets the same answer. A data-parallel job whose replicas differ is silently
     training N different models (the failure mode of Horovod's Keras 2 wrappers under Keras 3),
-    so `train.py` checks this at the end of every distributed run.
+    so the Horovod engine (`lars_tf.engines.horovod`) checks this at the end of every run.
 
     Args:
         variables: Keras or TF variables, in the same order on every worker.

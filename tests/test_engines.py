@@ -345,3 +345,49 @@ def test_jax_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path
     step = int(output.split("SIGTERM: stopped at step ")[1].split(";")[0])
     assert f"checkpoint {stopped}/checkpoints/ckpt-{step}.npz." in output
     assert (stopped / "checkpoints" / f"ckpt-{step}.npz").exists() and step > 4
+
+
+# --- the JAX engine's checkpoint format, on this process's backend ------------------------
+
+
+def small_model(units: int = 3):
+    import keras
+
+    from lars_tf.optimizer import LARS
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units, name="dense")])
+    optimizer = LARS(0.1)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def test_array_checkpointer_keeps_k_discards_restores_and_names_what_is_wrong(tmp_path):
+    from lars_tf.checkpoint import ArrayCheckpointer
+
+    model, optimizer = small_model()
+    saver = ArrayCheckpointer(tmp_path, model, optimizer, max_to_keep=2)
+    assert saver.latest is None and saver.restore_latest() == 0
+    for step in (1, 2, 3):
+        model.layers[0].kernel.assign(np.full((4, 3), float(step), "float32"))
+        saver.save(images_seen=8 * step, step=step)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-2.npz", "ckpt-3.npz"]
+    assert saver.discard_from(3) == [str(tmp_path / "ckpt-3.npz")]
+    assert saver.latest == str(tmp_path / "ckpt-2.npz")
+
+    other_model, other_optimizer = small_model()
+    restorer = ArrayCheckpointer(tmp_path, other_model, other_optimizer)
+    assert restorer.restore_latest() == 16
+    np.testing.assert_array_equal(other_model.layers[0].kernel.numpy(), np.full((4, 3), 2.0))
+
+    wider, wider_optimizer = small_model(units=5)
+    with pytest.raises(ValueError, match="does not match this model.*shape here"):
+        ArrayCheckpointer(tmp_path, wider, wider_optimizer).restore_latest()
+    (tmp_path / "ckpt-2.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="ckpt-2.npz cannot be read"):
+        restorer.restore_latest()
+    (tmp_path / "checkpoint").write_text("TensorFlow's index")
+    with pytest.raises(ValueError, match="holds checkpoints of a TensorFlow engine"):
+        restorer.restore_latest()
+    model.layers[0].kernel.assign(np.full((4, 3), np.nan, "float32"))
+    with pytest.raises(FloatingPointError, match="not finite at step 9"):
+        saver.save(images_seen=72, step=9)
