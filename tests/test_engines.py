@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,12 +261,17 @@ def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_pat
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(a, e, **ACROSS_BACKENDS)
 
-    # Each continues on one device (another replica count), to update 5.
+    # Each continues on one device (another replica count), to update 5, printing the
+    # progress lines of a batch job (stdout is a pipe here) as Horovod's runs do.
     for engine, model_dir in (("tf_distribute", mirrored), ("jax", jax)):
         longer = [*common[:-2], "--train_steps=5", "--checkpoint_every_steps=0"]
-        proc = run(*longer, f"--engine={engine}", f"--model_dir={model_dir}")
+        proc = run(
+            *longer, "--progress_every_steps=1", f"--engine={engine}", f"--model_dir={model_dir}"
+        )
         assert f"Resuming from {model_dir}/checkpoints/ckpt-3" in proc.stdout
         assert json.loads((model_dir / "results.json").read_text())["step"] == 5
+        updates = re.findall(r"^update (\d+)/5 \(epoch [\d.]+\) loss ", proc.stdout, re.M)
+        assert updates == ["4", "5"], (engine, proc.stdout[-2000:])
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -126,6 +127,31 @@ def test_sweep_resumes_and_never_redoes_finished_runs(tmp_path):
     third = FakeTrain()
     sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", third)
     assert third.calls == []
+
+
+def test_a_fresh_checkout_resumes_from_the_committed_csv(tmp_path):
+    # Run directories are not committed; the report's CSV is. With the runs gone, the
+    # finished ones count as done from their rows, their outcomes unchanged, and the
+    # report is rewritten with them, not without them.
+    fake = FakeTrain(exit_codes={"alexnet_bn_small_lars_b2048_lr14.1_e2_s1": 3})
+    first = sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", fake, max_runs=4)
+    diverged = [r for r in first.values() if r["status"] == "diverged"]
+    assert len(diverged) == 1
+    shutil.rmtree(tmp_path / "runs")
+    again = FakeTrain()
+    resumed = sweep.sweep(TINY, tmp_path / "runs", tmp_path / "results", again, max_runs=1)
+    assert not set(again.calls) & set(fake.calls) and len(again.calls) == 1
+    for name, record in first.items():
+        assert resumed[name] == record, name
+    with open(tmp_path / "results" / "cifar10_tiny_runs.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    # A row the protocol does not know (an older grid) is not a record.
+    with open(tmp_path / "results" / "cifar10_tiny_runs.csv", "a") as f:
+        f.write("alexnet_bn_small_lars_b2048_lr99_e2_s1,scaling,,,,,,,,,done,0.9,,,,\n")
+    shutil.rmtree(tmp_path / "runs")
+    assert sweep.collect(TINY, tmp_path / "runs" / "tiny", tmp_path / "results").keys() == (
+        resumed.keys()
+    )
 
 
 def test_order_climbs_towards_each_cells_best_rate(tmp_path):

@@ -199,7 +199,7 @@ PROTOCOLS = {
             baseline_batch=128,
             batches=(1024, 2048, 4096),
             baseline_lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
-            sgd_base_lrs=(0.005, 0.01, 0.02, 0.05, 0.1),
+            sgd_base_lrs=(0.0025, 0.005, 0.01, 0.02, 0.05, 0.1),
             lars_base_lrs=(5.0, 10.0, 20.0, 40.0, 80.0),
             warmup_epochs=2,
             repeat_seeds=(2, 3),
@@ -470,7 +470,14 @@ def read_record(run: Run, model_dir: Path) -> dict | None:
             **{k: values.get(k) for k in ("top1", "top5", "loss", "step")},
         }
     if status.get("returncode") == EXIT_DIVERGED:
-        return {**record, "status": "diverged", "top1": None, "top5": None, "loss": None}
+        return {
+            **record,
+            "status": "diverged",
+            "top1": None,
+            "top5": None,
+            "loss": None,
+            "step": None,
+        }
     return None
 
 
@@ -510,7 +517,7 @@ def sweep(
         The records of every finished run, by run name.
     """
     base = runs_dir / protocol.name
-    records = collect(protocol, base)
+    records = collect(protocol, base, results_dir)
     write_report(protocol, records, base, results_dir)
     launched = 0
     while max_runs is None or launched < max_runs:
@@ -542,27 +549,63 @@ def sweep(
     return records
 
 
-def collect(protocol: Protocol, base: Path) -> dict[str, dict]:
-    """Records of the finished runs found under `base`: every scaling run, and the repeats
-    and train-longer runs of every rate that has them on disk (not only of today's best:
-    after the grid grows, a cell's best is not bracketed until its new neighbour ran, and
-    its earlier repeats must still count as done)."""
-    records = {}
+def known_runs(protocol: Protocol) -> list[Run]:
+    """Every run the protocol can ever launch: each scaling run, and the repeats and
+    train-longer runs of every rate (not only of today's best: after the grid grows, a
+    cell's best is not bracketed until its new neighbour ran, and its earlier repeats must
+    still count as done)."""
+    runs = []
     for run in scaling_runs(protocol):
-        candidates = [run]
+        runs.append(run)
         if run.part == "scaling":
-            candidates += [
-                dataclasses.replace(run, part="repeat", seed=s) for s in protocol.repeat_seeds
-            ]
+            runs += [dataclasses.replace(run, part="repeat", seed=s) for s in protocol.repeat_seeds]
         if run.part == "scaling" and run.method == "lars" and run.batch == max(protocol.batches):
-            candidates += [
+            runs += [
                 dataclasses.replace(run, part="longer", epochs=protocol.epochs * factor)
                 for factor in protocol.longer
             ]
-        for candidate in candidates:
-            record = read_record(candidate, base / candidate.name)
-            if record is not None:
-                records[candidate.name] = record
+    return runs
+
+
+def collect(protocol: Protocol, base: Path, results_dir: Path | None = None) -> dict[str, dict]:
+    """Records of the finished runs: those found under `base`, and, with `results_dir`,
+    those in the report's `_runs.csv` whose run directory is gone.
+
+    The CSV is what a session commits; the run directories are not (checkpoints are too
+    large), so a fresh checkout resumes a sweep from the CSV instead of running its
+    finished runs again. A run on disk wins over its row.
+    """
+    reported = _reported_records(protocol, results_dir) if results_dir is not None else {}
+    records = {}
+    for run in known_runs(protocol):
+        record = read_record(run, base / run.name) or reported.get(run.name)
+        if record is not None:
+            records[run.name] = record
+    return records
+
+
+def _reported_records(protocol: Protocol, results_dir: Path) -> dict[str, dict]:
+    """The finished runs listed in `cifar10_<protocol>_runs.csv`, as `read_record` gives
+    them (the run's own fields from the protocol, the outcome from the row)."""
+    path = results_dir / f"cifar10_{protocol.name}_runs.csv"
+    if not path.exists():
+        return {}
+    runs = {run.name: run for run in known_runs(protocol)}
+    records = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            run = runs.get(row["name"])
+            if run is None or row["status"] not in ("done", "diverged"):
+                continue  # a run of an older grid, or not a result
+            records[run.name] = {
+                **dataclasses.asdict(run),
+                "name": run.name,
+                "status": row["status"],
+                **{
+                    k: float(row[k]) if row[k] else None for k in ("wall_s", "top1", "top5", "loss")
+                },
+                "step": int(row["step"]) if row["step"] else None,
+            }
     return records
 
 
@@ -1114,7 +1157,7 @@ def main(argv: list[str]) -> None:
     runs_dir, results_dir = Path(FLAGS.runs_dir), Path(FLAGS.results_dir)
     base = runs_dir / protocol.name
     if FLAGS.list or FLAGS.report_only:
-        records = collect(protocol, base)
+        records = collect(protocol, base, results_dir)
         if FLAGS.list:
             for run in launch_order(protocol, records):
                 record = records.get(run.name)
