@@ -320,6 +320,40 @@ class PerUpdateSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(**config)
 
 
+def available() -> list[str]:
+    """The names `build` takes."""
+    return list(_BUILDERS)
+
+
+def build(
+    name: str, initial_learning_rate: float, *, total_steps: int, **options
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """A schedule by name, as `lars_tf.models.build` builds a model (train.py's `--lr_schedule`).
+
+    Args:
+        name: "poly" (`PolynomialDecayWithWarmup`, decaying over ``T = total_steps``) or
+            "multistep" (`MultiStepWithWarmup`, which has no horizon and ignores it).
+        initial_learning_rate: ``gamma_0``.
+        total_steps: Optimizer updates of the run.
+        **options: The schedule's other arguments (``warmup_steps``, ``power``,
+            ``boundaries``, ...).
+
+    Raises:
+        ValueError: An unknown name (and each schedule's own argument checks).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"schedule must be one of {available()}, got {name!r}")
+    return _BUILDERS[name](initial_learning_rate, total_steps, **options)
+
+
+_BUILDERS = {
+    "poly": lambda lr, total_steps, **options: PolynomialDecayWithWarmup(
+        lr, decay_steps=total_steps, **options
+    ),
+    "multistep": lambda lr, total_steps, **options: MultiStepWithWarmup(lr, **options),
+}
+
+
 def _with_warmup(t, after_warmup, target, warmup_steps, start, shape):
     """The warm-up ramp from ``start`` to ``target`` where ``t < W``, else ``after_warmup``."""
     if warmup_steps == 0:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from lars_tf import schedules
 from lars_tf.schedules import (
     MultiStepWithWarmup,
     PerUpdateSchedule,
@@ -368,3 +369,20 @@ def test_linear_scaling():
         linear_scaling(0.1, 256, reference_batch_size=0)
     with pytest.raises(ValueError, match="`base_learning_rate`"):
         linear_scaling(-0.1, 256)
+
+
+def test_build_by_name_is_the_schedule_classes():
+    poly = schedules.build(
+        "poly", 2.0, total_steps=100, warmup_steps=10, power=2.0, decay_after_warmup=True
+    )
+    want = schedules.PolynomialDecayWithWarmup(
+        2.0, decay_steps=100, warmup_steps=10, power=2.0, decay_after_warmup=True
+    )
+    assert isinstance(poly, schedules.PolynomialDecayWithWarmup)
+    assert poly.get_config() == want.get_config()
+    steps = schedules.build("multistep", 1.0, total_steps=100, boundaries=[30, 60])
+    assert isinstance(steps, schedules.MultiStepWithWarmup)
+    assert [float(steps(t)) for t in (29, 30, 60)] == pytest.approx([1.0, 0.1, 0.01])
+    assert schedules.available() == ["poly", "multistep"]
+    with pytest.raises(ValueError, match=r"schedule must be one of \['poly', 'multistep'\]"):
+        schedules.build("cosine", 1.0, total_steps=10)

@@ -1,0 +1,1 @@
+"""The pieces of tools/sweep.py: protocols, planning, runner, report and plots."""
