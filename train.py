@@ -4,6 +4,7 @@
     horovodrun -np 8 -H host1:4,host2:4 python train.py --flagfile=... --model_dir=...
     python train.py --engine=tf_distribute ...    # MirroredStrategy over this machine's GPUs
     python train.py --engine=jax ...              # Keras on JAX, DataParallel over its devices
+    KERAS_DISTRIBUTION_NUM_PROCESSES=2 ... python train.py --engine=jax   # several processes
 
 Flags in, then: the engine (lars_tf.engines), the input, the plan (lars_tf.plan), the
 trainer (lars_tf.trainer), which resumes from the latest checkpoint in --model_dir, trains,
@@ -35,7 +36,8 @@ def define_engine_flags(fv: flags.FlagValues) -> None:
         launch.NAMES,
         "Distributed engine: horovod (one process per device, under horovodrun), "
         "tf_distribute (MirroredStrategy over one process's devices) or jax (Keras on JAX, "
-        "keras.distribution.DataParallel over one process's devices).",
+        "keras.distribution.DataParallel over the devices of one process, or of several "
+        "started with KERAS_DISTRIBUTION_JOB_ADDRESSES/_NUM_PROCESSES/_PROCESS_ID).",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -128,9 +130,7 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
-    # Per-rank seeds: dropout and augmentation differ across workers; the weights are made
-    # equal by the broadcast after the restore.
-    keras.utils.set_random_seed(FLAGS.seed + engine.rank)
+    keras.utils.set_random_seed(engine.process_seed(FLAGS.seed))
     keras.mixed_precision.set_global_policy(FLAGS.dtype)
 
     batch = train_flags.per_worker_batch(engine.processes)

@@ -48,9 +48,14 @@ def _make_logits_function(model: keras.Model):
             )[0]
         )
 
+        def local(value):
+            # Under a DataParallel of several processes a variable also spans the others'
+            # devices; each process evaluates its own shard, with its own copy.
+            return value if value.is_fully_addressable else value.addressable_data(0)
+
         def logits(images):
-            trainable = [v.value for v in model.trainable_variables]
-            non_trainable = [v.value for v in model.non_trainable_variables]
+            trainable = [local(v.value) for v in model.trainable_variables]
+            non_trainable = [local(v.value) for v in model.non_trainable_variables]
             return call(trainable, non_trainable, keras.ops.convert_to_numpy(images))
 
         return logits

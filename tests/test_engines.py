@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,6 +143,12 @@ TF_CONFIG_1 = json.dumps(
     {"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 0}}
 )
 
+JAX_2 = {
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES": "localhost:1234",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+    "KERAS_DISTRIBUTION_PROCESS_ID": "1",
+}
+
 
 @pytest.mark.parametrize(
     "engine, environ, expected, message",
@@ -154,7 +161,11 @@ TF_CONFIG_1 = json.dumps(
         ("jax", {"OMPI_COMM_WORLD_SIZE": "2"}, 0, "run with --engine=horovod"),
         ("jax", {"PMI_SIZE": "4"}, 0, "one of 4 started by horovodrun/mpirun"),
         ("jax", {"TF_CONFIG": TF_CONFIG_2}, 0, "run with --engine=tf_distribute"),
-        ("jax", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "JAX multi-process launch"),
+        ("tf_distribute", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "run with --engine=jax"),
+        ("jax", {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, 0, "missing: KERAS_DISTRIBUTION_JOB"),
+        ("jax", {**JAX_2, "KERAS_DISTRIBUTION_PROCESS_ID": "2"}, 0, "must be one of 0..1"),
+        ("jax", {**JAX_2, "KERAS_DISTRIBUTION_NUM_PROCESSES": "two"}, 0, "is not a process count"),
+        ("jax", JAX_2, 3, "--num_workers=3 but this --engine=jax launch has 2"),
         # keras-team/keras#20585: fit under MultiWorkerMirroredStrategy fails with Keras' own
         # SGD (tests/test_strategies.py asserts that failure); the engine refuses it.
         ("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, 0, "keras-team/keras#20585"),
@@ -193,6 +204,7 @@ def test_fitting_launches_pass_and_prepare_the_backend():
     launch.check_launch("tf_distribute", {"PMI_SIZE": "1"})  # srun of one task
     if launch.importlib.util.find_spec("jax") is not None:
         launch.check_launch("jax", {"KERAS_BACKEND": "jax"})
+        launch.check_launch("jax", JAX_2, expected_workers=2)
     environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     launch.prepare_environment("jax", cpu_devices=2, environ=environ)
     assert environ["KERAS_BACKEND"] == "jax" and environ["JAX_PLATFORMS"] == "cpu"
@@ -295,6 +307,87 @@ def test_jax_two_devices_and_accumulation_equal_one_device(tmp_path, jpeg_folder
         extra="_gradient_accumulator",
         **TOLERANCE,
     )
+
+
+HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
+HOROVODRUN_2 = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_jax_processes(*argv: str, processes: int = 2) -> list[subprocess.CompletedProcess]:
+    """`train.py --engine=jax` as `processes` processes of one job on localhost."""
+    job = {
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{free_port()}",
+        "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), "--engine=jax", *argv],
+            env=environment(**job, KERAS_DISTRIBUTION_PROCESS_ID=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(processes)
+    ]
+    done = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            stdout, stderr = proc.communicate()
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    for rank, proc in enumerate(done):
+        assert proc.returncode == 0, f"rank {rank}:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.horovod
+def test_jax_two_processes_equal_two_horovod_workers_and_resume_on_one(tmp_path, jpeg_folder):
+    # Each process reads its own shard (auto_shard_dataset=False), as each Horovod worker
+    # does. At global batch 16 every update is the whole training split (a worker's batch is
+    # its whole shard; the order inside a shard depends on its seed, which the engines set
+    # differently), so the updates agree. Had the processes not communicated, each would
+    # have trained on its own 8 images and ended elsewhere.
+    common = [*TINY, *PLAIN, *jpeg_folder, "--global_batch_size=16", "--num_classes=10"]
+    common.append("--train_steps=3")
+    common.append("--checkpoint_every_steps=0")
+    init = initial_weights(tmp_path / "init.weights.h5", common)
+    common.append(f"--init_weights={init}")
+    horovod, jax = tmp_path / "horovod", tmp_path / "jax"
+    proc = subprocess.run(
+        [*HOROVODRUN_2, sys.executable, str(REPO / "train.py"), *common, f"--model_dir={horovod}"],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = run_jax_processes(*common, f"--model_dir={jax}")
+    assert "engine jax: 2 process(es), 2 replica(s)" in rank0.stdout
+    assert "identical on all 2 workers" in rank0.stdout
+    assert "Evaluation at step 3" in rank0.stdout and "Evaluation" not in rank1.stdout
+    # Both evaluated their shard of the 4 validation images; process 0 wrote the sums.
+    assert json.loads((jax / "results.json").read_text())["examples"] == 4
+    expected = trainable_weights(checkpoint_values(horovod))
+    actual = [value for _, value in array_entries(jax)[1 : len(expected) + 1]]
+    assert len(expected) == 16 and [a.shape for a in actual] == [e.shape for e in expected]
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, **ACROSS_BACKENDS)
+
+    # One process continues the two processes' run, to update 5.
+    longer = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=0"]
+    proc = run(*longer, "--engine=jax", f"--model_dir={jax}")
+    assert f"Resuming from {jax}/checkpoints/ckpt-3" in proc.stdout
+    assert json.loads((jax / "results.json").read_text())["step"] == 5
 
 
 @pytest.mark.slow

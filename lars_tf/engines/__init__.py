@@ -2,7 +2,8 @@
 
 - `horovod` (the default): one process per device under `horovodrun`;
 - `tf_distribute`: `MirroredStrategy` over the devices of one process;
-- `jax`: Keras on JAX, `keras.distribution.DataParallel` over a process's devices.
+- `jax`: Keras on JAX, `keras.distribution.DataParallel` over the devices of one process or
+  of several (`keras.distribution.initialize`).
 
 `launch` (no Keras import) chooses the backend and checks the launch before Keras starts;
 `create` makes the engine once Keras is imported.

@@ -54,6 +54,11 @@ class Engine:
         """One line for the run's banner."""
         return f"{self.name}: {self.processes} process(es), {self.replicas} replica(s)"
 
+    def process_seed(self, seed: int) -> int:
+        """This process's Keras seed: `seed + rank`, so that dropout differs across workers
+        (the weights are made equal by the broadcast after the restore)."""
+        return seed + self.rank
+
     def scope(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 

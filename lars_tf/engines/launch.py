@@ -65,6 +65,48 @@ def launcher_size(environ: MutableMapping[str, str]) -> int:
     return 1
 
 
+# Read by `keras.distribution.initialize()`: a JAX job of several processes.
+JAX_LAUNCH = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
+
+
+def jax_processes(environ: MutableMapping[str, str]) -> int:
+    """The process count of a JAX launch (`KERAS_DISTRIBUTION_NUM_PROCESSES`; 1 without)."""
+    value = environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "") or "1"
+    try:
+        count = int(value)
+    except ValueError:
+        raise LaunchError(
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES={value!r} is not a process count"
+        ) from None
+    if count < 1:
+        raise LaunchError(f"KERAS_DISTRIBUTION_NUM_PROCESSES={count} must be >= 1")
+    return count
+
+
+def _check_jax_launch(environ: MutableMapping[str, str]) -> int:
+    """The process count of a JAX launch, after checking its three variables agree."""
+    processes = jax_processes(environ)
+    if processes == 1:
+        return 1
+    missing = [name for name in JAX_LAUNCH if not environ.get(name)]
+    if missing:
+        raise LaunchError(
+            f"a JAX launch of {processes} processes needs {', '.join(JAX_LAUNCH)} in every "
+            f"process's environment; missing: {', '.join(missing)}"
+        )
+    process_id = environ["KERAS_DISTRIBUTION_PROCESS_ID"]
+    if not process_id.isdigit() or int(process_id) >= processes:
+        raise LaunchError(
+            f"KERAS_DISTRIBUTION_PROCESS_ID={process_id} must be one of 0..{processes - 1} "
+            f"(KERAS_DISTRIBUTION_NUM_PROCESSES={processes})"
+        )
+    return processes
+
+
 def _lenient_tf_config_workers(environ: MutableMapping[str, str]) -> int:
     # For the engines that do not use TF_CONFIG: a malformed one is not their business.
     try:
@@ -91,7 +133,9 @@ def check_launch(
         LaunchError: An unknown engine; the engine's backend is missing; `KERAS_BACKEND`
             names another backend; a launch of several processes by another engine's
             launcher; for tf_distribute a malformed `TF_CONFIG` or one of several workers
-            (keras-team/keras#20585); a worker count other than `expected_workers`.
+            (keras-team/keras#20585); for jax a `KERAS_DISTRIBUTION_*` launch that misses a
+            variable or names a process outside the job; a worker count other than
+            `expected_workers`.
     """
     environ = os.environ if environ is None else environ
     if engine not in BACKENDS:
@@ -109,7 +153,7 @@ def check_launch(
             "Python: `make install` installs it"
         )
     launcher = launcher_size(environ)
-    jax_processes = int(environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1") or 1)
+    jax_launch = jax_processes(environ) if engine != "jax" else _check_jax_launch(environ)
     if engine == "horovod":
         # A TF_CONFIG or JAX launch of several processes without horovodrun/mpirun: each
         # process would train alone. A one-worker TF_CONFIG (managed platforms set one) is fine.
@@ -118,7 +162,7 @@ def check_launch(
                 "TF_CONFIG names several workers, which is a tf.distribute launch: run with "
                 "--engine=tf_distribute, or unset TF_CONFIG and launch with horovodrun"
             )
-        if jax_processes > 1 and launcher == 1:
+        if jax_launch > 1 and launcher == 1:
             raise LaunchError(
                 "KERAS_DISTRIBUTION_NUM_PROCESSES > 1 is a JAX multi-process launch: launch "
                 "with horovodrun instead"
@@ -132,6 +176,11 @@ def check_launch(
                 "one plain python process"
             )
         if engine == "tf_distribute":
+            if jax_launch > 1:
+                raise LaunchError(
+                    "KERAS_DISTRIBUTION_NUM_PROCESSES > 1 is a JAX multi-process launch: run "
+                    "with --engine=jax, or unset the KERAS_DISTRIBUTION_* variables"
+                )
             workers = max(1, tf_config_workers(environ))
             if workers > 1:
                 raise LaunchError(
@@ -147,18 +196,13 @@ def check_launch(
                     "TF_CONFIG names several workers, which is a tf.distribute launch: run with "
                     "--engine=tf_distribute, or unset TF_CONFIG"
                 )
-            if jax_processes > 1 or "KERAS_DISTRIBUTION_JOB_ADDRESSES" in environ:
-                raise LaunchError(
-                    "a JAX multi-process launch (KERAS_DISTRIBUTION_*): --engine=jax runs one "
-                    "process over its devices for now; run several machines with "
-                    "--engine=horovod (horovodrun)"
-                )
-            workers = 1
+            workers = jax_launch
     if expected_workers and workers != expected_workers:
         raise LaunchError(
             f"--num_workers={expected_workers} but this --engine={engine} launch has {workers} "
             "worker process(es): launch as many processes as --num_workers says (horovodrun "
-            "-np, mpirun -np), or change it"
+            "-np, mpirun -np, TF_CONFIG's workers, KERAS_DISTRIBUTION_NUM_PROCESSES), or "
+            "change it"
         )
 
 
