@@ -274,11 +274,30 @@ class ArrayCheckpointer:
 
     def restore_latest(self) -> int:
         """As `Checkpointer.restore_latest`: the images consumed, 0 without a checkpoint."""
+        images, values = self.read_latest()
+        self.assign(values)
+        return images
+
+    def assign(self, values: list[np.ndarray] | None) -> None:
+        """Give the model and optimizer `values` (of `read_latest`; None: leave them)."""
+        if values is not None:
+            for value, (_, variable) in zip(values, self._variables(), strict=True):
+                variable.assign(value)
+
+    def read_latest(self) -> tuple[int, list[np.ndarray] | None]:
+        """The latest checkpoint's images consumed and its values in the order of the model's
+        and optimizer's variables, checked against them but not assigned; (0, None) without
+        a checkpoint (and on non-writers).
+
+        Under a JAX distribution of several processes an assignment is collective (JAX
+        checks that every process places the same value), so rank 0 reads and the values
+        are assigned on every process (`lars_tf.engines.jax_engine.JaxEngine.restore`).
+        """
         if self.is_writer:
             _refuse_other_format(self.directory, "checkpoint", "a TensorFlow engine")
         path = self.latest
         if path is None:
-            return 0
+            return 0, None
         try:
             with tf.io.gfile.GFile(path, "rb") as f:
                 stored = dict(np.load(io.BytesIO(f.read())))
@@ -311,9 +330,7 @@ class ArrayCheckpointer:
                 f"{len(saved)} arrays saved, {len(variables)} variables here; first differences "
                 f"(saved name, saved shape, shape here): {differing}",
             )
-        for (_, value), (_, variable) in zip(saved, variables, strict=True):
-            variable.assign(value)
-        return int(images)
+        return int(images), [value for _, value in saved]
 
     def save(self, images_seen: int, step: int) -> str | None:
         """As `Checkpointer.save`."""

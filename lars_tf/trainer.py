@@ -285,10 +285,7 @@ class Trainer:
         Rank 0 reads it (the model directory need not be shared); every worker gets the
         images it had consumed, or the reason it could not be read, and then raises it.
         """
-        self.restored_images = self.engine.run_on_root(
-            self.checkpointer.restore_latest, "restore the latest checkpoint"
-        )
-        self.engine.broadcast(self.model, self.optimizer)
+        self.restored_images = self.engine.restore(self.checkpointer, self.model, self.optimizer)
         self.start_update = self.plan.updates_from_images(self.restored_images)
         self._restored = True
         return self.start_update

@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # train_flags.py lives at the top level, beside train.py
+sys.path.insert(0, str(REPO))  # train_flags lives at the top level, beside train.py
 
 import train_flags  # noqa: E402
 from lars_tf.data.synthetic import IMAGENET_EXAMPLES  # noqa: E402

@@ -145,13 +145,23 @@ def test_a_fresh_checkout_resumes_from_the_committed_csv(tmp_path):
         assert resumed[name] == record, name
     with open(tmp_path / "results" / "cifar10_tiny_runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 5
-    # A row the protocol does not know (an older grid) is not a record.
-    with open(tmp_path / "results" / "cifar10_tiny_runs.csv", "a") as f:
-        f.write("alexnet_bn_small_lars_b2048_lr99_e2_s1,scaling,,,,,,,,,done,0.9,,,,\n")
+    # A row the protocol does not know (an older grid), or whose run differs from the
+    # protocol's of that name (another warm-up), is not a record, and is kept aside.
+    results = tmp_path / "results"
+    with open(results / "cifar10_tiny_runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    done = next(r for r in rows if r["status"] == "done")
+    older = {**done, "warmup_epochs": "5"}
+    unknown = {**done, "name": "alexnet_bn_small_lars_b2048_lr99_e2_s1", "lr": "99"}
+    with open(results / "cifar10_tiny_runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(done))
+        writer.writeheader()
+        writer.writerows([r for r in rows if r is not done] + [older, unknown])
     shutil.rmtree(tmp_path / "runs")
-    assert sweep.collect(TINY, tmp_path / "runs" / "tiny", tmp_path / "results").keys() == (
-        resumed.keys()
-    )
+    found = sweep.collect(TINY, tmp_path / "runs" / "tiny", results)
+    assert found.keys() == resumed.keys() - {done["name"]}
+    with open(results / "cifar10_tiny_runs_other.csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == [done["name"], unknown["name"]]
 
 
 def test_order_climbs_towards_each_cells_best_rate(tmp_path):

@@ -69,9 +69,13 @@ __all__ = [
     "cell_runs",
     "cells",
     "collect",
+    "launch_order",
     "next_to_best",
+    "percent",
+    "prepare_data",
     "scaling_runs",
     "sweep",
+    "train_py",
     "write_report",
 ]
 

@@ -8,7 +8,7 @@ only it, for:
   per process for the in-process engines);
 - `scope()`, under which the model and optimizer are built and compiled;
 - `prepare_optimizer`: gradients averaged once per optimizer update;
-- `broadcast` and `run_on_root`: rank 0's restored state on every process;
+- `restore`, `broadcast` and `run_on_root`: rank 0's restored state on every process;
 - the cross-process collectives of the stop decision, the metrics and the evaluation:
   `allreduce_max`, `allreduce_sum`, `average_logs`, `average_model_state`,
   `replica_mismatches`;
@@ -105,6 +105,14 @@ class Engine:
         """`function()` on rank 0, its result (or its failure) on every process."""
         del what
         return function()
+
+    def restore(self, checkpointer: Any, model: Any, optimizer: Any) -> int:
+        """Restore `checkpointer`'s latest checkpoint on rank 0 and give every process its
+        state; returns the images it had consumed (0 without one), or raises rank 0's
+        failure on every process."""
+        images = self.run_on_root(checkpointer.restore_latest, "restore the latest checkpoint")
+        self.broadcast(model, optimizer)
+        return images
 
     def allreduce_max(self, value: float, name: str = "lars_tf_max") -> float:
         return float(value)

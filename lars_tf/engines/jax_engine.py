@@ -157,8 +157,19 @@ class JaxEngine(Engine):
             raise failure
         raise WorkerFailure(message)
 
+    def restore(self, checkpointer: Any, model: Any, optimizer: Any) -> int:
+        """Process 0 reads the checkpoint (the model directory need not be shared), sends its
+        values, and every process assigns them: with several processes an assignment is a
+        collective (JAX checks that each process places the same value), so rank 0 cannot
+        assign alone."""
+        if self.processes == 1:
+            return checkpointer.restore_latest()
+        images, values = self.run_on_root(checkpointer.read_latest, "restore the latest checkpoint")
+        checkpointer.assign(values)
+        return images
+
     def broadcast(self, model: Any, optimizer: Any) -> None:
-        """Process 0's model and optimizer values (a restored checkpoint) on every process."""
+        """Process 0's model and optimizer values on every process."""
         if self.processes == 1:
             return
         variables = list(model.variables) + list(optimizer.variables)

@@ -90,6 +90,12 @@ def jax_processes(environ: MutableMapping[str, str]) -> int:
 def _check_jax_launch(environ: MutableMapping[str, str]) -> int:
     """The process count of a JAX launch, after checking its three variables agree."""
     processes = jax_processes(environ)
+    addresses = environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES", "")
+    if processes == 1 and "," in addresses:
+        raise LaunchError(
+            f"KERAS_DISTRIBUTION_JOB_ADDRESSES={addresses} names several processes: set "
+            "KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID too"
+        )
     if processes == 1:
         return 1
     missing = [name for name in JAX_LAUNCH if not environ.get(name)]
@@ -105,6 +111,14 @@ def _check_jax_launch(environ: MutableMapping[str, str]) -> int:
             f"(KERAS_DISTRIBUTION_NUM_PROCESSES={processes})"
         )
     return processes
+
+
+def _lenient_jax_processes(environ: MutableMapping[str, str]) -> int:
+    # For the engines that do not use KERAS_DISTRIBUTION_*: a malformed count is not theirs.
+    try:
+        return jax_processes(environ)
+    except LaunchError:
+        return 1
 
 
 def _lenient_tf_config_workers(environ: MutableMapping[str, str]) -> int:
@@ -153,7 +167,7 @@ def check_launch(
             "Python: `make install` installs it"
         )
     launcher = launcher_size(environ)
-    jax_launch = jax_processes(environ) if engine != "jax" else _check_jax_launch(environ)
+    jax_launch = _lenient_jax_processes(environ) if engine != "jax" else _check_jax_launch(environ)
     if engine == "horovod":
         # A TF_CONFIG or JAX launch of several processes without horovodrun/mpirun: each
         # process would train alone. A one-worker TF_CONFIG (managed platforms set one) is fine.

@@ -149,17 +149,27 @@ def collect(protocol: Protocol, base: Path, results_dir: Path | None = None) -> 
 
 def _reported_records(protocol: Protocol, results_dir: Path) -> dict[str, dict]:
     """The finished runs listed in `cifar10_<protocol>_runs.csv`, as `read_record` gives
-    them (the run's own fields from the protocol, the outcome from the row)."""
+    them (the run's own fields from the protocol, the outcome from the row).
+
+    A row counts only when every field of its run matches the protocol's run of that name
+    (a name does not encode e.g. the warm-up). The other rows, of an older grid, would be
+    dropped when the report is rewritten: they are kept in `cifar10_<protocol>_runs_other.csv`.
+    """
     path = results_dir / f"cifar10_{protocol.name}_runs.csv"
     if not path.exists():
         return {}
     runs = {run.name: run for run in known_runs(protocol)}
-    records = {}
+    records, others = {}, []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        for row in reader:
             run = runs.get(row["name"])
-            if run is None or row["status"] not in ("done", "diverged"):
-                continue  # a run of an older grid, or not a result
+            if run is None or not _row_is_run(row, run):
+                others.append(row)
+                continue
+            if row["status"] not in ("done", "diverged"):
+                continue  # not a result
             records[run.name] = {
                 **dataclasses.asdict(run),
                 "name": run.name,
@@ -169,4 +179,37 @@ def _reported_records(protocol: Protocol, results_dir: Path) -> dict[str, dict]:
                 },
                 "step": int(row["step"]) if row["step"] else None,
             }
+    if others:
+        _keep_rows(results_dir / f"cifar10_{protocol.name}_runs_other.csv", fields, others)
     return records
+
+
+def _row_is_run(row: dict, run: Run) -> bool:
+    for field in dataclasses.fields(run):
+        value, text = getattr(run, field.name), row.get(field.name, "")
+        if isinstance(value, bool):
+            same = text == str(value)
+        elif isinstance(value, int | float):
+            try:
+                same = float(text) == float(value)
+            except ValueError:
+                same = False
+        else:
+            same = text == str(value)
+        if not same:
+            return False
+    return True
+
+
+def _keep_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Add `rows` to the CSV at `path`, once each (by every field)."""
+    kept = []
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = list(csv.DictReader(f))
+    seen = {tuple(sorted(r.items())) for r in kept}
+    kept += [r for r in rows if tuple(sorted(r.items())) not in seen]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
