@@ -32,7 +32,7 @@ from lars_tf.data import sources, synthetic
 from lars_tf.data.preprocessing import IMAGENET_MEAN_RGB, ImagePreprocessor
 
 AUTOTUNE = tf.data.AUTOTUNE
-SOURCES = ("tfrecord", "tfds:<name>", "folder", "synthetic")
+SOURCES = ("tfrecord", "folder", "synthetic", "tfds:<name>")
 # Records held for shuffling (TF Model Garden's ImageNet default).
 SHUFFLE_BUFFER = 10_000
 # Seed used by `deterministic=True` when no seed is given.
