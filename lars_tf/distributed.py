@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from lars_tf import keras_internals
 from lars_tf.engines import launch
+from lars_tf.engines.base import WorkerFailure
 
 _log = logging.getLogger(__name__)
 
@@ -430,10 +431,6 @@ def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     if hvd is None or hvd.size() == 1:
         return obj
     return hvd.broadcast_object(obj, root_rank=root_rank, name="lars_tf_object")
-
-
-class WorkerFailure(RuntimeError):
-    """Another worker failed in a step that every worker waits for (see `run_on_root`)."""
 
 
 def run_on_root(function: Callable[[], Any], what: str, root_rank: int = 0) -> Any:

@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 
 
+class WorkerFailure(RuntimeError):
+    """Another worker failed in a step that every worker waits for (`Engine.run_on_root`)."""
+
+
 class Engine:
     """One process, one replica: every collective is the identity."""
 

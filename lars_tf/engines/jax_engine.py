@@ -37,12 +37,8 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from lars_tf import checkpoint
-from lars_tf.engines.base import Engine
+from lars_tf.engines.base import Engine, WorkerFailure
 from lars_tf.engines.launch import jax_processes
-
-
-class WorkerFailure(RuntimeError):
-    """Process 0 failed a step the others waited on (e.g. restoring a checkpoint)."""
 
 
 class JaxEngine(Engine):
@@ -161,23 +157,13 @@ class JaxEngine(Engine):
         """Process 0 reads the checkpoint (the model directory need not be shared), sends its
         values, and every process assigns them: with several processes an assignment is a
         collective (JAX checks that each process places the same value), so rank 0 cannot
-        assign alone."""
+        assign alone. (So the engine needs no `broadcast`: nothing else differs between
+        the processes, which start from one seed.)"""
         if self.processes == 1:
             return checkpointer.restore_latest()
         images, values = self.run_on_root(checkpointer.read_latest, "restore the latest checkpoint")
         checkpointer.assign(values)
         return images
-
-    def broadcast(self, model: Any, optimizer: Any) -> None:
-        """Process 0's model and optimizer values on every process."""
-        if self.processes == 1:
-            return
-        variables = list(model.variables) + list(optimizer.variables)
-        # Each process's own copy of the replicated values (the processes may differ here).
-        local = [keras.ops.convert_to_numpy(v) for v in variables]
-        received = multihost_utils.broadcast_one_to_all(local)
-        for variable, value in zip(variables, received, strict=True):
-            variable.assign(np.asarray(value).astype(variable.dtype))
 
     def replica_mismatches(self, variables: Sequence[Any]) -> list[str]:
         if self.processes == 1:
