@@ -553,3 +553,23 @@ def test_claim_sweep_climbs_repeats_every_cell_and_stops(tmp_path):
     assert "| -3.97 ± 0.82 |" in page and "| +1.03 ± 0.82 |" in page  # Nesterov; LARS at 4K
     for figure in ("accuracy_vs_batch", "accuracy_vs_lr", "accuracy_vs_epochs"):
         assert (tmp_path / "results" / f"cifar10_claim_{figure}.png").stat().st_size > 1000
+
+
+def test_runner_starts_the_repositorys_train_py(tmp_path, monkeypatch):
+    """`train_py` launches `<repo>/train.py` from the repository root (the split into
+    tools/sweeps/ once pointed it at tools/train.py, which no test ran)."""
+    from sweeps import runner
+
+    recorder = tmp_path / "python"
+    recorder.write_text(
+        "#!/bin/sh\n"
+        f'echo "$PWD" > {tmp_path}/cwd\n'
+        f'echo "$1" > {tmp_path}/script\n'
+    )
+    recorder.chmod(0o755)
+    monkeypatch.setattr(runner.sys, "executable", str(recorder))
+    run = sweep.scaling_runs(TINY)[0]
+    assert runner.train_py(run, TINY, tmp_path / "model", tmp_path / "data") == 0
+    assert (tmp_path / "script").read_text().strip() == str(REPO_ROOT / "train.py")
+    assert (tmp_path / "cwd").read_text().strip() == str(REPO_ROOT)
+    assert runner.SHARED_CIFAR == REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

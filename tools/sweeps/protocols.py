@@ -6,7 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 METHODS = ("sgd", "sgd_warmup", "lars", "nesterov")
 METHOD_TITLES = {
