@@ -561,15 +561,11 @@ def test_runner_starts_the_repositorys_train_py(tmp_path, monkeypatch):
     from sweeps import runner
 
     recorder = tmp_path / "python"
-    recorder.write_text(
-        "#!/bin/sh\n"
-        f'echo "$PWD" > {tmp_path}/cwd\n'
-        f'echo "$1" > {tmp_path}/script\n'
-    )
+    recorder.write_text(f'#!/bin/sh\necho "$PWD" > {tmp_path}/cwd\necho "$1" > {tmp_path}/script\n')
     recorder.chmod(0o755)
     monkeypatch.setattr(runner.sys, "executable", str(recorder))
     run = sweep.scaling_runs(TINY)[0]
     assert runner.train_py(run, TINY, tmp_path / "model", tmp_path / "data") == 0
     assert (tmp_path / "script").read_text().strip() == str(REPO_ROOT / "train.py")
     assert (tmp_path / "cwd").read_text().strip() == str(REPO_ROOT)
-    assert runner.SHARED_CIFAR == REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    assert REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz" == runner.SHARED_CIFAR
