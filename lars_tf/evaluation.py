@@ -177,3 +177,12 @@ class EvaluationCallback(keras.callbacks.Callback):
                 "top1": self.last_results["top1"],
             }
             self.guard.stop("target")
+
+
+def result_line(step: int, results: dict) -> str:
+    """An evaluation's results as the line a run's log ends with."""
+    return (
+        f"Evaluation at step {step} on {results['examples']} images: "
+        f"top-1 {100 * results['top1']:.2f}%, top-5 {100 * results['top5']:.2f}%, "
+        f"loss {results['loss']:.4f}"
+    )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import math
 import os
@@ -34,11 +35,12 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from lars_tf import batchnorm, callbacks, progress
 from lars_tf.checkpoint import CHECKPOINT_SUBDIR, CheckpointCallback
 from lars_tf.engines.base import Engine
-from lars_tf.evaluation import EvaluationCallback, evaluate
+from lars_tf.evaluation import EvaluationCallback, evaluate, result_line
 from lars_tf.guard import RunGuard
 from lars_tf.plan import RunPlan
 
@@ -203,12 +205,55 @@ class TrainerOptions:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What `Trainer.run` returns: the outcome, the last update and the last evaluation."""
+    """What `Trainer.run` returns.
+
+    Attributes:
+        outcome: How the run ended.
+        step: The last update (for DIVERGED, the update whose loss or weights were bad).
+        evaluation: The last evaluation's results, or None.
+        target_reached: See `EvaluationCallback.target_reached`.
+        target_top1: The run's target, or None.
+        checkpoint: The latest checkpoint kept, or None.
+        differing: For INCONSISTENT, the variables whose replicas differ.
+    """
 
     outcome: Outcome
     step: int
     evaluation: dict | None = None
     target_reached: dict | None = None
+    target_top1: float | None = None
+    checkpoint: str | None = None
+    differing: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """The lines that end the run's log."""
+        if self.outcome is Outcome.DIVERGED:
+            kept = (
+                f"The last good checkpoint, {self.checkpoint}, was kept."
+                if self.checkpoint
+                else "No checkpoint was written before it."
+            )
+            return (
+                "Training stopped: the loss or the weights became NaN or Inf at step "
+                f"{self.step}. {kept}"
+            )
+        if self.outcome is Outcome.PREEMPTED:
+            return f"SIGTERM: stopped at step {self.step}; checkpoint {self.checkpoint}."
+        if self.outcome is Outcome.INCONSISTENT:
+            differing = ", ".join(self.differing)
+            return f"ERROR: the workers' replicas differ after training in: {differing}"
+        if self.evaluation is None:
+            return f"Trained {self.step} steps on synthetic data; not evaluated (--eval_steps)."
+        lines = []
+        if self.target_top1 is not None:
+            reached, target = self.target_reached, f"Target top-1 {100 * self.target_top1:.2f}%"
+            lines.append(
+                f"{target} reached at epoch {reached['epoch']}, update {reached['update']}."
+                if reached
+                else f"{target} not reached."
+            )
+        lines.append(result_line(self.step, self.evaluation))
+        return "\n".join(lines)
 
 
 class Trainer:
@@ -278,6 +323,38 @@ class Trainer:
     def report(self, line: str) -> None:
         if self.engine.is_rank0():
             self._print(line)
+
+    def describe(self, **extra: Any) -> dict:
+        """What `plan.json` holds: the plan, the engine and its replicas, and `extra`."""
+        engine = self.engine
+        return {**self.plan.as_dict(), "engine": engine.name, "replicas": engine.replicas, **extra}
+
+    def write_description(self, flagfile: str, description: dict) -> None:
+        """On rank 0: the command's flags (`flags.txt`, reloadable with --flagfile) and
+        `description` (`plan.json`) into the model directory, both also as TensorBoard text."""
+        if not self.engine.is_rank0():
+            return
+        tf.io.gfile.makedirs(self.model_dir)
+        plan = json.dumps(description, indent=2)
+        for name, text in (("flags.txt", flagfile), ("plan.json", plan)):
+            with tf.io.gfile.GFile(os.path.join(self.model_dir, name), "w") as f:
+                f.write(text)
+        writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "tensorboard", "train"))
+        with writer.as_default(step=0):
+            tf.summary.text("flags", "```\n" + flagfile + "\n```")
+            tf.summary.text("plan", "```\n" + plan + "\n```")
+        writer.close()
+
+    def start_line(self, model_name: str, train_examples: int, peak_lr: float) -> str:
+        """The line that opens the run's log: the batch split, the lengths, the engine."""
+        plan = self.plan
+        return (
+            f"{model_name} on {train_examples} images, {plan.workers} worker(s) x "
+            f"{plan.per_worker_batch_size} x {plan.accumulation_steps} accumulation = global "
+            f"batch {plan.global_batch_size}; {plan.total_updates} steps "
+            f"({plan.updates_per_epoch}/epoch), warm-up {plan.warmup_updates}, peak LR "
+            f"{peak_lr:g}; engine {self.engine.describe()}"
+        )
 
     def restore(self) -> int:
         """Restore the latest checkpoint on rank 0 and broadcast it; returns its update.
@@ -392,23 +469,25 @@ class Trainer:
             )
         finally:
             guard.restore_signal_handler()
+        if self.data.corrupt_count():
+            logging.warning("%d corrupt training images were skipped.", self.data.corrupt_count())
+        ended = functools.partial(
+            RunResult, target_top1=self.options.target_top1, checkpoint=self.checkpointer.latest
+        )
         if guard.stop_reason == "nan":
-            return RunResult(Outcome.DIVERGED, guard.failed_step)
+            return ended(Outcome.DIVERGED, guard.failed_step)
         if guard.stop_reason == "sigterm":
-            return RunResult(Outcome.PREEMPTED, guard.step)
+            return ended(Outcome.PREEMPTED, guard.step)
         differing = self.engine.replica_mismatches(self.model.weights + self.optimizer.variables)
         if differing:
-            self.report(
-                f"ERROR: the workers' replicas differ after training in: {', '.join(differing)}"
-            )
-            return RunResult(Outcome.INCONSISTENT, guard.step)
+            return ended(Outcome.INCONSISTENT, guard.step, differing=tuple(differing))
         if self.engine.processes > 1:
             self.report(
                 f"Model and optimizer state are identical on all {self.engine.processes} workers."
             )
         if evaluation is None:
             self.write_results({"step": guard.step})
-            return RunResult(Outcome.DONE, guard.step)
+            return ended(Outcome.DONE, guard.step)
         results = evaluation.last_results
         if results is None or evaluation.last_step != guard.step:
             results = self.evaluate()
@@ -417,7 +496,7 @@ class Trainer:
             summary["target_accuracy"] = self.options.target_top1
             summary["target_reached"] = evaluation.target_reached
         self.write_results(summary)
-        return RunResult(Outcome.DONE, guard.step, results, evaluation.target_reached)
+        return ended(Outcome.DONE, guard.step, results, evaluation.target_reached)
 
     def write_results(self, summary: dict) -> None:
         if self.engine.is_rank0():

@@ -7,6 +7,8 @@
 - `train_flags.optimizer`: LARS (or SGD) and its variants; builds the optimizer.
 - `train_flags.run`: the system (dtype, XLA, seeds, all-reduce) and the run (model directory,
   checkpoints, evaluation, logs); checks the engine, gives the `TrainerOptions`.
+- `train_flags.engine`: `--engine`, `--cpu_devices`, `--num_workers`, which `train.py` reads
+  before Keras is imported (they choose its backend).
 
 Each module's `define(fv)` defines its flags (TF Model Garden style) with their bounds
 (absl's `lower_bound` where one fits, else a validator naming the flag and the values
@@ -14,53 +16,51 @@ allowed) and the checks of its flag combinations. Validators run when the flags 
 before any data is read or file written. Checks that need the world size (the batch split) or
 the dataset's size (warm-up against `--train_steps`) are in the getters, which `train.py`
 calls before it builds anything. Flags are never modified: derived values come from getters.
-The engine flags (`--engine`, `--cpu_devices`, `--num_workers`) are train.py's own: it reads
-them before Keras is imported, and these modules import Keras.
+All but `train_flags.engine` import Keras, so this package loads them on first use (PEP 562):
+`import train_flags.engine` must not import Keras before the backend is chosen.
 
 Recipes are flag files: `python train.py --flagfile=flags/alexnet_bn_lars_b8k.cfg`.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from absl import flags
 
-from train_flags import data, model, optimizer, run, schedule
-from train_flags.data import build_input, dataset_source
-from train_flags.model import build_model, model_options
-from train_flags.optimizer import build_optimizer
-from train_flags.run import check_engine, trainer_options
-from train_flags.schedule import (
-    build_schedule,
-    learning_rate,
-    per_worker_batch,
-    run_plan,
-    training_steps,
-    warmup_steps,
-)
-
 FLAGS = flags.FLAGS
-MODULES = (model, data, schedule, optimizer, run)
+# The modules whose `define` makes the flags of `define_all`, in --help's order.
+MODULES = ("model", "data", "schedule", "optimizer", "run")
+# Each name below is the attribute of the module it maps to.
+_EXPORTS = {
+    "build_input": "data",
+    "dataset_source": "data",
+    "build_model": "model",
+    "model_options": "model",
+    "build_optimizer": "optimizer",
+    "check_engine": "run",
+    "configure_process": "run",
+    "trainer_options": "run",
+    "build_schedule": "schedule",
+    "learning_rate": "schedule",
+    "per_worker_batch": "schedule",
+    "run_plan": "schedule",
+    "training_steps": "schedule",
+    "warmup_steps": "schedule",
+}
 
-__all__ = [
-    "FLAGS",
-    "build_input",
-    "build_model",
-    "build_optimizer",
-    "build_schedule",
-    "check_engine",
-    "dataset_source",
-    "define_all",
-    "learning_rate",
-    "model_options",
-    "per_worker_batch",
-    "run_plan",
-    "trainer_options",
-    "training_steps",
-    "warmup_steps",
-]
+__all__ = ["FLAGS", "define_all", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in MODULES:
+        return importlib.import_module(f"train_flags.{name}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"train_flags.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'train_flags' has no attribute {name!r}")
 
 
 def define_all(fv: flags.FlagValues = FLAGS) -> None:
     """Defines every flag of `train.py` but the engine flags in `fv`, with the validators."""
-    for module in MODULES:
-        module.define(fv)
+    for name in MODULES:
+        importlib.import_module(f"train_flags.{name}").define(fv)

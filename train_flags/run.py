@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 import tensorflow as tf
-from absl import flags
+from absl import flags, logging
 
 from lars_tf.trainer import TrainerOptions
 from train_flags import _checks
@@ -177,6 +178,21 @@ def check_engine(engine: Any, flag_values: flags.FlagValues = FLAGS) -> None:
         )
     except ValueError as error:
         raise flags.ValidationError(str(error)) from None
+
+
+def configure_process(engine: Any, flag_values: flags.FlagValues = FLAGS) -> None:
+    """The process-wide settings the flags give, before anything is built: the engine's
+    threads (before TensorFlow initializes its devices), the log verbosity, op determinism,
+    the seed (per process where the engine wants it) and the dtype policy."""
+    f = flag_values
+    engine.configure(f.threads_per_worker)
+    # TensorFlow's INFO lines (one per checkpoint save) drown the per-epoch lines.
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if f.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(engine.process_seed(f.seed))
+    keras.mixed_precision.set_global_policy(f.dtype)
 
 
 def trainer_options(
