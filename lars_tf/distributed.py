@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,9 +41,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lars_tf import keras_internals
+from lars_tf import keras_internals, progress
+from lars_tf.engines import base as engine_base
 from lars_tf.engines import launch
-from lars_tf.engines.base import WorkerFailure
 
 _log = logging.getLogger(__name__)
 
@@ -433,52 +431,20 @@ def broadcast_object(obj: Any, root_rank: int = 0) -> Any:
     return hvd.broadcast_object(obj, root_rank=root_rank, name="lars_tf_object")
 
 
-def run_on_root(function: Callable[[], Any], what: str, root_rank: int = 0) -> Any:
-    """`function()`, run on `root_rank` only: its result, or its failure, on every worker.
-
-    For what only one worker can do, e.g. rank 0 reading a checkpoint in a model directory
-    that need not be shared while the others wait for the result in a broadcast. A plain
-    broadcast of the result would leave them waiting there, with no word of why, until the
-    launcher kills them when the root raises; here every worker receives the outcome, prints
-    the reason to stderr, and raises once all of them have printed it (the first to exit
-    makes `horovodrun` terminate the rest).
-
-    Args:
-        function: Called without arguments on `root_rank`; its result must be picklable.
-        what: The step, for the message: "rank 0 failed to <what>: <error>".
-        root_rank: The worker that calls `function`.
-
-    Returns:
-        `function()`'s result, on every worker.
-
-    Raises:
-        Exception: On `root_rank`, whatever `function` raised.
-        WorkerFailure: On the other workers, naming the root's error.
-    """
+def run_on_root(function: Callable[[], Any], what: str) -> Any:
+    """`function()` on rank 0, its result or its failure on every Horovod worker (see
+    `lars_tf.engines.base.run_on_root`; the first worker to exit makes `horovodrun`
+    terminate the rest)."""
     hvd = _horovod()
     if hvd is None or hvd.size() == 1:
         return function()
-    failure = None
-    outcome = None
-    if hvd.rank() == root_rank:
-        try:
-            result = function()
-            pickle.dumps(result)  # an unpicklable result would fail inside the broadcast
-            outcome = ("ok", result)
-        # BaseException: a KeyboardInterrupt or SystemExit on the root must not leave the
-        # others in the broadcast either; every worker hears of it, then all raise.
-        except BaseException as error:
-            failure = error
-            outcome = ("failed", f"{type(error).__name__}: {error}")
-    status, value = hvd.broadcast_object(outcome, root_rank=root_rank, name="lars_tf_outcome")
-    if status == "ok":
-        return value
-    message = f"rank {root_rank} failed to {what}: {value}"
-    print(f"lars_tf rank {hvd.rank()}: {message}", file=sys.stderr, flush=True)
-    allreduce_max(0.0, name="lars_tf_outcome_printed")
-    if failure is not None:
-        raise failure
-    raise WorkerFailure(message)
+    return engine_base.run_on_root(
+        function,
+        what,
+        rank=hvd.rank(),
+        broadcast_object=lambda value: hvd.broadcast_object(value, 0, name="lars_tf_outcome"),
+        barrier=lambda: allreduce_max(0.0, name="lars_tf_outcome_printed"),
+    )
 
 
 def allreduce_max(value: float, name: str = "lars_tf_max") -> float:
@@ -589,14 +555,10 @@ def _numpy(variable: Any) -> np.ndarray:
     return value.numpy()
 
 
-class MetricAverageCallback(keras.callbacks.Callback):
-    """Average the epoch logs across workers, so every worker reports the job's numbers.
+class MetricAverageCallback(progress.EpochLogAverage):
+    """`lars_tf.progress.EpochLogAverage` over Horovod's workers, for a `model.fit` of one's
+    own (Horovod's own `MetricAverageCallback` is broken under Keras 3). Put it first in the
+    callback list, so that the ones after it see the averages."""
 
-    Put it first in the callback list: Keras passes the same logs dict to every callback in
-    order, so the ones after it (progress bar, CSV, TensorBoard, checkpoints) see the averages.
-    Batch logs are left local: averaging them would add a collective to every step.
-    """
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs:
-            logs.update(average_logs(logs, name="lars_tf_epoch_logs"))
+    def __init__(self):
+        super().__init__(average_logs)

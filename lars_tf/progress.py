@@ -24,8 +24,6 @@ from collections.abc import Callable
 
 import keras
 
-from lars_tf.engines.base import Engine
-
 
 def _clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
@@ -154,13 +152,14 @@ class EpochLogAverage(keras.callbacks.Callback):
     local: averaging them would add a collective to every step.
 
     Args:
-        engine: The run's engine.
+        average_logs: The engine's `average_logs(logs, name)` (`Engine.average_logs`;
+            `lars_tf.distributed.MetricAverageCallback` passes Horovod's).
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, average_logs: Callable[..., dict]):
         super().__init__()
-        self.engine = engine
+        self.average_logs = average_logs
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs:
-            logs.update(self.engine.average_logs(logs, name="lars_tf_epoch_logs"))
+            logs.update(self.average_logs(logs, name="lars_tf_epoch_logs"))

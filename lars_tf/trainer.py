@@ -399,7 +399,7 @@ class Trainer:
             guard,
             progress.ThroughputCallback(plan.images_per_micro_batch),
             callbacks.LearningRateLogger(),
-            progress.EpochLogAverage(engine),
+            progress.EpochLogAverage(engine.average_logs),
             *recalibration,
             *([evaluation] if evaluation else []),
             CheckpointCallback(

@@ -23,6 +23,8 @@ cross-process collective is the identity here.
 from __future__ import annotations
 
 import contextlib
+import pickle
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +33,60 @@ import numpy as np
 
 class WorkerFailure(RuntimeError):
     """Another worker failed in a step that every worker waits for (`Engine.run_on_root`)."""
+
+
+def run_on_root(
+    function: Callable[[], Any],
+    what: str,
+    *,
+    rank: int,
+    broadcast_object: Callable[[Any], Any],
+    barrier: Callable[[], Any],
+) -> Any:
+    """`function()`, run on rank 0 only: its result, or its failure, on every worker.
+
+    For what only one worker can do, e.g. rank 0 reading a checkpoint in a model directory
+    that need not be shared while the others wait for the result in a broadcast. A plain
+    broadcast of the result would leave them waiting there, with no word of why, until the
+    launcher kills them when the root raises; here every worker receives the outcome, prints
+    the reason to stderr, and raises once all of them have printed it.
+
+    Args:
+        function: Called without arguments on rank 0; its result must be picklable.
+        what: The step, for the message: "rank 0 failed to <what>: <error>".
+        rank: This worker's rank.
+        broadcast_object: Rank 0's picklable argument, returned on every worker (the
+            engine's collective; every worker calls it).
+        barrier: A collective every worker calls once it has printed the failure.
+
+    Returns:
+        `function()`'s result, on every worker.
+
+    Raises:
+        Exception: On rank 0, whatever `function` raised.
+        WorkerFailure: On the other workers, naming rank 0's error.
+    """
+    failure = None
+    outcome = None
+    if rank == 0:
+        try:
+            result = function()
+            pickle.dumps(result)  # an unpicklable result would fail inside the broadcast
+            outcome = ("ok", result)
+        # BaseException: a KeyboardInterrupt or SystemExit on the root must not leave the
+        # others in the broadcast either; every worker hears of it, then all raise.
+        except BaseException as error:
+            failure = error
+            outcome = ("failed", f"{type(error).__name__}: {error}")
+    status, value = broadcast_object(outcome)
+    if status == "ok":
+        return value
+    message = f"rank 0 failed to {what}: {value}"
+    print(f"lars_tf rank {rank}: {message}", file=sys.stderr, flush=True)
+    barrier()
+    if failure is not None:
+        raise failure
+    raise WorkerFailure(message)
 
 
 class Engine:

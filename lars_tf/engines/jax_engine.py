@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from lars_tf import checkpoint
-from lars_tf.engines.base import Engine, WorkerFailure
+from lars_tf.engines.base import Engine, run_on_root
 from lars_tf.engines.launch import jax_processes
 
 
@@ -132,26 +131,15 @@ class JaxEngine(Engine):
         return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
 
     def run_on_root(self, function: Callable[[], Any], what: str) -> Any:
-        """As `lars_tf.distributed.run_on_root`: process 0's result, or its failure, on all."""
         if self.processes == 1:
             return function()
-        failure, outcome = None, None
-        if self.rank == 0:
-            try:
-                result = function()
-                pickle.dumps(result)
-                outcome = ("ok", result)
-            except BaseException as error:  # the others must not wait in the broadcast
-                failure = error
-                outcome = ("failed", f"{type(error).__name__}: {error}")
-        status, value = self._broadcast_object(outcome)
-        if status == "ok":
-            return value
-        message = f"rank 0 failed to {what}: {value}"
-        print(f"lars_tf rank {self.rank}: {message}", file=sys.stderr, flush=True)
-        if failure is not None:
-            raise failure
-        raise WorkerFailure(message)
+        return run_on_root(
+            function,
+            what,
+            rank=self.rank,
+            broadcast_object=self._broadcast_object,
+            barrier=lambda: self.allreduce_max(0.0),
+        )
 
     def restore(self, checkpointer: Any, model: Any, optimizer: Any) -> int:
         """Process 0 reads the checkpoint (the model directory need not be shared), sends its
