@@ -56,6 +56,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         engine = engines.create(FLAGS.engine, FLAGS.cpu_devices)
+        engine.configure(FLAGS.threads_per_worker)  # before TensorFlow initializes its devices
         train_flags.check_engine(engine)
     except (engines.LaunchError, flags.ValidationError) as error:
         raise app.UsageError(str(error)) from error

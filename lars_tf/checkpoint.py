@@ -432,16 +432,18 @@ class CheckpointCallback(keras.callbacks.Callback):
         # Every worker checks (the replicas are identical, so they all decide alike): an
         # update can make the weights non-finite while the loss that produced it was finite.
         if not all_finite(self.model.weights):
-            self._nan_handled = True  # nothing saved; the checkpoints so far are good
-            guard.diverged(guard.step - 1)
+            # The loss of this update was finite, so its input (the checkpoint before) is
+            # good; the state of update `step` is the first bad one, and is not saved.
+            self._nan_handled = True
+            guard.diverged(guard.step)
             return
         self.checkpointer.save(guard.batches_seen * self.images_per_batch, guard.step)
         self._saved_at = guard.batches_seen
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.guard.stop_reason == "nan" and not self._nan_handled:
-            # The loss of step `failed_step` was computed with the weights saved as that
-            # step's checkpoint (the guard runs first, so the loss is the newest news).
+            # The bad loss was computed with the weights saved as checkpoint `failed_step`
+            # (the guard runs first, so the loss is the newest news).
             self.checkpointer.discard_from(self.guard.failed_step)
             self._nan_handled = True
         step = self.guard.step

@@ -21,7 +21,9 @@ class RunGuard(keras.callbacks.Callback):
     The stop decision is one scalar all-reduce (maximum) per batch, so every worker stops
     after the same batch: a worker that stopped alone would leave the others waiting in the
     next gradient all-reduce. After `fit` returns, `stop_reason` says why it stopped early
-    ("nan", "sigterm", or None), and `failed_step` the step of a NaN/Inf loss.
+    ("nan", "sigterm", or None), and `failed_step` the first update count whose state is
+    bad: the weights after it gave a NaN/Inf loss, or are themselves non-finite. The
+    checkpoints from `failed_step` on are bad; the one before is the last good one.
 
     It is the one owner of the stop state: other callbacks end the run through `stop` and
     `diverged`, never by writing its attributes.
@@ -71,8 +73,8 @@ class RunGuard(keras.callbacks.Callback):
         self.model.stop_training = True
 
     def diverged(self, failed_step: int) -> None:
-        """End the run as diverged at `failed_step`, e.g. when the weights of a finite loss's
-        update were found non-finite."""
+        """End the run as diverged at `failed_step`, e.g. when the weights after update
+        `failed_step` (whose loss was finite) were found non-finite."""
         self.failed_step = failed_step
         self.stop("nan")
 
@@ -90,7 +92,7 @@ class RunGuard(keras.callbacks.Callback):
         if code >= 2.0:
             self.stop_reason = "nan"
             # Keras' loss is the epoch's running mean: it turns non-finite at the first bad
-            # batch, whose update is this step.
+            # batch, computed with the weights after the updates before it.
             self.failed_step = (self.batches_seen - 1) // self.accumulation_steps
             self.model.stop_training = True
         elif self.batches_seen >= self.total_batches:

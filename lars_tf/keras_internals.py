@@ -16,6 +16,9 @@ Keras version when a release changes it. The Keras range these were tested with 
 - `override_instance_method` replaces a method of one optimizer object (the Horovod layer's
   all-reduce before clipping, the agreed finiteness check under loss scaling).
 - `flatten_layers` lists a layer's sublayers, nested ones included.
+- `build_for_fit` builds a compiled model's metrics and loss from the input's spec, so that
+  `fit` does not iterate the input once before training to learn its shapes (which draws a
+  new shuffle order, and breaks an exact resume).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class Hook:
     Attributes:
         owner: Where it is defined: "optimizer" (`keras.optimizers.Optimizer`),
             "tf_optimizer" (the TensorFlow backend's optimizer base class, TensorFlow only),
-            "loss_scale_optimizer" (`keras.optimizers.LossScaleOptimizer`) or "layer"
-            (`keras.layers.Layer`).
+            "loss_scale_optimizer" (`keras.optimizers.LossScaleOptimizer`), "layer"
+            (`keras.layers.Layer`) or "model" (`keras.Model`).
         name: The member's name.
         parameters: Its parameters after `self`, or None for an attribute that is not called.
         why: What lars_tf uses it for.
@@ -106,6 +109,13 @@ HOOKS = (
         ("include_self", "recursive"),
         "every sublayer of a model, nested ones included (batch-norm recalibration)",
     ),
+    Hook(
+        "model",
+        "_symbolic_build",
+        ("iterator", "data_batch"),
+        "builds the compiled metrics from the input's spec: else the first fit iterates the "
+        "input once to learn its shapes (on JAX, and under a tf.distribute strategy)",
+    ),
 )
 
 
@@ -118,6 +128,8 @@ def owner_class(owner: str) -> type | None:
         return keras.optimizers.LossScaleOptimizer
     if owner == "layer":
         return keras.layers.Layer
+    if owner == "model":
+        return keras.Model
     if owner == "tf_optimizer":
         if keras.backend.backend() != "tensorflow":
             return None
@@ -205,3 +217,15 @@ def override_instance_method(obj: Any, name: str, wrapper: Callable[..., Any]) -
 def flatten_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     """`layer` and every layer nested in it, depth first."""
     return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def build_for_fit(model: keras.Model, element_spec: Any) -> None:
+    """Build `model`'s compiled loss and metrics (and the model) from `element_spec`, a
+    dataset's `(images, labels)` spec, without reading the dataset.
+
+    Keras' `fit` builds what is unbuilt from the first batch of its input and then starts a
+    new iteration for training; iterating a dataset twice draws its `reshuffle_each_iteration`
+    shuffle twice, so a resumed run would train on another order than an uninterrupted one.
+    """
+    batch = tuple(keras.KerasTensor(tuple(spec.shape), spec.dtype.name) for spec in element_spec)
+    model._symbolic_build(data_batch=batch)

@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import batchnorm, callbacks, progress
+from lars_tf import batchnorm, callbacks, keras_internals, progress
 from lars_tf.checkpoint import CHECKPOINT_SUBDIR, CheckpointCallback
 from lars_tf.engines.base import Engine
 from lars_tf.evaluation import EvaluationCallback, evaluate, result_line
@@ -125,6 +125,7 @@ def fit(
     )
     for segment in segments:
         dataset = dataset_for_epoch(segment.data_epoch)
+        keras_internals.build_for_fit(model, dataset.element_spec)
         consumed = batches_per_epoch - segment.steps_per_epoch
         if exact_resume and consumed:
             dataset = dataset.skip(consumed)

@@ -113,6 +113,35 @@ def test_checkpointer_keeps_the_last_good_checkpoint(tmp_path):
     assert np.isfinite(model.layers[0].kernel.numpy()).all()
 
 
+@pytest.mark.parametrize("bad", ["loss", "weights"])
+def test_a_nan_keeps_the_checkpoints_before_the_first_bad_state(tmp_path, bad):
+    """Update 3's loss is NaN (so the weights after update 2, saved as ckpt-2, are bad), or
+    update 3 makes the weights non-finite from a finite loss (ckpt-2 is good): either way
+    `failed_step` is the first bad state and every checkpoint before it is kept."""
+    from lars_tf.optimizer import LARS
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = LARS(0.1)
+    optimizer.build(model.trainable_variables)
+    checkpointer = checkpoint.Checkpointer(tmp_path, model, optimizer, max_to_keep=5)
+    run_guard = guard.RunGuard(total_batches=10)
+    saver = checkpoint.CheckpointCallback(checkpointer, run_guard, 4, every_n_steps=1)
+    for callback in (run_guard, saver):
+        callback.set_model(model)
+    for batch in range(3):
+        if batch == 2 and bad == "weights":
+            model.layers[0].kernel.assign(np.full((3, 2), np.inf, np.float32))
+        loss = np.nan if batch == 2 and bad == "loss" else 1.0
+        for callback in (run_guard, saver):
+            callback.on_train_batch_end(batch, {"loss": loss})
+    assert run_guard.stop_reason == "nan" and model.stop_training
+    assert run_guard.failed_step == {"loss": 2, "weights": 3}[bad]
+    kept = {"loss": "ckpt-1", "weights": "ckpt-2"}[bad]
+    assert checkpointer.latest.endswith(kept)
+    saver.on_train_end()  # nothing more is saved
+    assert checkpointer.latest.endswith(kept)
+
+
 def test_a_checkpoint_of_another_configuration_is_refused_with_the_reason(tmp_path):
     import keras
 

@@ -181,11 +181,10 @@ def check_engine(engine: Any, flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def configure_process(engine: Any, flag_values: flags.FlagValues = FLAGS) -> None:
-    """The process-wide settings the flags give, before anything is built: the engine's
-    threads (before TensorFlow initializes its devices), the log verbosity, op determinism,
-    the seed (per process where the engine wants it) and the dtype policy."""
+    """The process-wide settings the flags give, before anything is built (after
+    `engine.configure`): the log verbosity, op determinism, the seed (per process where the
+    engine wants it) and the dtype policy."""
     f = flag_values
-    engine.configure(f.threads_per_worker)
     # TensorFlow's INFO lines (one per checkpoint save) drown the per-epoch lines.
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)

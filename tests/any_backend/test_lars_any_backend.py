@@ -163,3 +163,33 @@ def test_jax_data_parallel_over_two_devices_equals_one_device():
         # Float32 rounding of sums split in two: a few ulps of each weight (up to ~7 here;
         # an ulp at 4-8 is 4.8e-7, and one machine measured 2.4e-6 there, i.e. 5 ulps).
         np.testing.assert_allclose(distributed[path], value, rtol=1e-6, atol=2e-6, err_msg=path)
+
+
+def test_build_for_fit_keeps_fit_from_reading_the_input_first():
+    """After `keras_internals.build_for_fit`, `fit` reads a tf.data input once (one shuffle
+    draw, the one trained on). Without it Keras on JAX reads a first batch to build the
+    compiled metrics, then iterates again: every element read twice."""
+    tf = pytest.importorskip("tensorflow")
+    from lars_tf import keras_internals
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    model.compile(
+        optimizer=LARS(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    reads = []
+
+    def record(x):
+        reads.append(int(x))
+        return x
+
+    indices = tf.data.Dataset.range(4).map(lambda i: tf.py_function(record, [i], tf.int64))
+    dataset = indices.map(
+        lambda i: (tf.fill([2], tf.cast(i, tf.float32)), tf.cast(i % 3, tf.int32))
+    ).batch(2, drop_remainder=True)
+    dataset = dataset.map(lambda x, y: (tf.ensure_shape(x, [2, 2]), tf.ensure_shape(y, [2])))
+    keras_internals.build_for_fit(model, dataset.element_spec)
+    model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)
+    assert sorted(reads) == [0, 1, 2, 3]
+    assert np.isfinite(keras.ops.convert_to_numpy(model.layers[0].kernel)).all()
