@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -114,13 +115,17 @@ def recalibrate(
     # The training-mode pass draws dropout masks: put the random layers' seed state back
     # afterwards, so that training goes on exactly as it would have without re-estimation.
     weights = {id(v) for v in model.weights}
-    random_state = [(v, v.numpy()) for v in model.variables if id(v) not in weights]
+    random_state = [
+        (v, keras.ops.convert_to_numpy(v)) for v in model.variables if id(v) not in weights
+    ]
     sums = None
     used = 0
     try:
         for batch in dataset.take(num_batches):
             images = batch[0] if isinstance(batch, tuple | list) else batch
-            values = [v.numpy().astype(np.float64) for v in forward(images)]
+            if keras.backend.backend() != "tensorflow":
+                images = images.numpy()  # tf.data's tensor, for another backend's ops
+            values = [keras.ops.convert_to_numpy(v).astype(np.float64) for v in forward(images)]
             sums = values if sums is None else [s + v for s, v in zip(sums, values, strict=True)]
             used += 1
     finally:
@@ -138,19 +143,40 @@ def recalibrate(
 
 def make_forward(
     model: keras.Model, layers: list[keras.layers.BatchNormalization]
-) -> Callable[[tf.Tensor], list[tf.Tensor]]:
+) -> Callable[[Any], list[Any]]:
     """A compiled training-mode forward pass returning each layer's moving statistics after
-    it; `recalibrate` calls (and traces) it with every momentum at 0."""
+    it; `recalibrate` calls (and traces) it with every momentum at 0.
 
-    @tf.function(reduce_retracing=True)
-    def forward(images):
-        model(images, training=True)
-        values = []
-        for layer in layers:
-            values += [tf.identity(layer.moving_mean), tf.identity(layer.moving_variance)]
-        return values
+    Keras' `stateless_call` returns the updated non-trainable variables instead of assigning
+    them, so the same function runs on every backend: compiled with `tf.function` on
+    TensorFlow (under a strategy too), `jax.jit` on JAX, eagerly elsewhere."""
+    position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    indices = [
+        position[id(v)] for layer in layers for v in (layer.moving_mean, layer.moving_variance)
+    ]
 
-    return forward
+    def forward(trainable, non_trainable, images):
+        _, updated = model.stateless_call(trainable, non_trainable, images, training=True)
+        return [updated[i] for i in indices]
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        compiled = tf.function(forward, reduce_retracing=True)
+    elif backend == "jax":
+        import jax  # the JAX backend's own compiler
+
+        compiled = jax.jit(forward)
+    else:
+        compiled = forward
+
+    def run(images):
+        return compiled(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            images,
+        )
+
+    return run
 
 
 class BatchNormRecalibration(keras.callbacks.Callback):

@@ -292,10 +292,13 @@ def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_pat
 @pytest.mark.slow
 def test_jax_two_devices_and_accumulation_equal_one_device(tmp_path, jpeg_folder):
     # Batch norm included: DataParallel normalises over the global batch, as one device does.
+    # With batch-norm re-estimation at the end (a jitted stateless pass over the global
+    # batch, as one device's).
     common = [*TINY, "--dropout=0", "--engine=jax", "--train_steps=3"]
+    recalibrated = ["--bn_recalibration_batches=2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run(*common, *SYNTHETIC, f"--model_dir={one}")
-    proc = run(*common, *SYNTHETIC, "--cpu_devices=2", f"--model_dir={two}")
+    run(*common, *SYNTHETIC, *recalibrated, f"--model_dir={one}")
+    proc = run(*common, *SYNTHETIC, *recalibrated, "--cpu_devices=2", f"--model_dir={two}")
     assert "engine jax: 1 process(es), 2 replica(s)" in proc.stdout
     assert_close(array_checkpoint(two), array_checkpoint(one), **TOLERANCE)
     # k x B/k = B, on distinct images (synthetic data repeats one batch) and without batch

@@ -92,10 +92,11 @@ class JaxEngine(Engine):
 
     def check(self, *, bn_recalibration: bool, **options) -> None:
         super().check(bn_recalibration=bn_recalibration, **options)
-        if bn_recalibration:
+        if bn_recalibration and self.processes > 1:
             raise ValueError(
-                "--bn_recalibration_batches: batch-norm re-estimation runs TensorFlow ops on "
-                "the model and is not available under --engine=jax yet"
+                "--bn_recalibration_batches: batch-norm re-estimation under --engine=jax runs "
+                "in one process only (each process would feed its own batch to a global "
+                "array); run it with one process, or without re-estimation"
             )
 
     # Collectives across processes (identities with one).

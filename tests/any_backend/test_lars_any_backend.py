@@ -193,3 +193,30 @@ def test_build_for_fit_keeps_fit_from_reading_the_input_first():
     model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)
     assert sorted(reads) == [0, 1, 2, 3]
     assert np.isfinite(keras.ops.convert_to_numpy(model.layers[0].kernel)).all()
+
+
+def test_batch_norm_recalibration_averages_batch_moments_exactly():
+    """`lars_tf.batchnorm.recalibrate` on this backend (Keras' `stateless_call`, compiled
+    with jax.jit on JAX): each moving statistic becomes the mean of the batches' moments."""
+    tf = pytest.importorskip("tensorflow")
+    from lars_tf import batchnorm
+
+    rng = np.random.default_rng(0)
+    features = (5.0 * rng.normal(size=(256, 8)) + 100.0).astype("float32")
+    inputs = keras.Input((8,))
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn1")(inputs)
+    x = keras.layers.Dropout(0.5, seed=3)(keras.layers.Dense(4)(x))
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn2")(x))
+    seeds = [keras.ops.convert_to_numpy(v) for v in model.variables if "seed" in v.path]
+    batches = tf.data.Dataset.from_tensor_slices(features).batch(64)
+    assert batchnorm.recalibrate(model, batches, num_batches=10) == 4  # the dataset ends first
+    bn1 = model.get_layer("bn1")
+    chunks = features.reshape(4, 64, 8)
+    mean = keras.ops.convert_to_numpy(bn1.moving_mean)
+    variance = keras.ops.convert_to_numpy(bn1.moving_variance)
+    np.testing.assert_allclose(mean, chunks.mean(1).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(variance, chunks.var(1).mean(0), rtol=1e-4)
+    assert bn1.momentum == 0.9
+    assert np.abs(keras.ops.convert_to_numpy(model.get_layer("bn2").moving_mean)).max() > 0
+    after = [keras.ops.convert_to_numpy(v) for v in model.variables if "seed" in v.path]
+    assert seeds and all((a == b).all() for a, b in zip(after, seeds, strict=True))
