@@ -21,9 +21,11 @@ class RunGuard(keras.callbacks.Callback):
     The stop decision is one scalar all-reduce (maximum) per batch, so every worker stops
     after the same batch: a worker that stopped alone would leave the others waiting in the
     next gradient all-reduce. After `fit` returns, `stop_reason` says why it stopped early
-    ("nan", "sigterm", or None), and `failed_step` the first update count whose state is
-    bad: the weights after it gave a NaN/Inf loss, or are themselves non-finite. The
-    checkpoints from `failed_step` on are bad; the one before is the last good one.
+    ("nan", "sigterm", or None), and `failed_step` the first bad state seen: the weights
+    after that many updates gave a NaN/Inf loss, or were found non-finite at a save (weights
+    are checked at saves only, so a statistic that does not touch the loss, such as a moving
+    variance, may have turned bad at an earlier update). The checkpoints from `failed_step`
+    on are discarded; every kept one precedes it.
 
     It is the one owner of the stop state: other callbacks end the run through `stop` and
     `diverged`, never by writing its attributes.

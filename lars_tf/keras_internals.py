@@ -113,8 +113,8 @@ HOOKS = (
         "model",
         "_symbolic_build",
         ("iterator", "data_batch"),
-        "builds the compiled metrics from the input's spec: else the first fit iterates the "
-        "input once to learn its shapes (on JAX, and under a tf.distribute strategy)",
+        "builds the compiled metrics from the input's spec: else the first fit on JAX or "
+        "PyTorch iterates the input once to learn its shapes",
     ),
 )
 
@@ -221,11 +221,18 @@ def flatten_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
 
 def build_for_fit(model: keras.Model, element_spec: Any) -> None:
     """Build `model`'s compiled loss and metrics (and the model) from `element_spec`, a
-    dataset's `(images, labels)` spec, without reading the dataset.
+    dataset's `(images, labels)` spec, without reading the dataset; on JAX and PyTorch.
 
-    Keras' `fit` builds what is unbuilt from the first batch of its input and then starts a
-    new iteration for training; iterating a dataset twice draws its `reshuffle_each_iteration`
-    shuffle twice, so a resumed run would train on another order than an uninterrupted one.
+    There Keras' `fit` builds what is unbuilt from the first batch of its input and then
+    starts a new iteration for training; iterating a dataset twice draws its
+    `reshuffle_each_iteration` shuffle twice, so a resumed run (whose first `fit` starts at a
+    later epoch) would train on another order than an uninterrupted one. TensorFlow's `fit`
+    reads nothing early without a strategy, and under one reads a batch at every `fit` call
+    whatever is built (so every segment alike): nothing to do there.
     """
-    batch = tuple(keras.KerasTensor(tuple(spec.shape), spec.dtype.name) for spec in element_spec)
+    if keras.backend.backend() == "tensorflow":
+        return
+    batch = keras.tree.map_structure(
+        lambda spec: keras.KerasTensor(tuple(spec.shape), spec.dtype.name), element_spec
+    )
     model._symbolic_build(data_batch=batch)

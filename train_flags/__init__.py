@@ -60,6 +60,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'train_flags' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MODULES, *_EXPORTS])
+
+
 def define_all(fv: flags.FlagValues = FLAGS) -> None:
     """Defines every flag of `train.py` but the engine flags in `fv`, with the validators."""
     for name in MODULES:
