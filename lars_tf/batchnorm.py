@@ -78,12 +78,12 @@ def recalibrate(
 ) -> int:
     """Re-estimate the moving statistics of every batch norm of `model` on training batches.
 
-    Runs `model(images, training=True)` on up to `num_batches` batches of `dataset` (the
-    weights do not change) and sets each layer's `moving_mean` and `moving_variance` to the
+    Runs the model in training mode, statelessly (`make_forward`), on up to `num_batches`
+    batches of `dataset` and sets each layer's `moving_mean` and `moving_variance` to the
     average over those batches of the batch mean and batch variance. Layers see the
     statistics of the batch in front of them, as in training. Batch norms that are frozen
-    (not trainable) keep theirs, and the state of random layers (dropout's seeds) is
-    restored, so training continues as if nothing had run.
+    (not trainable) keep theirs; the weights and the state of random layers (dropout's
+    seeds) are not touched, so training continues as if nothing had run.
 
     Args:
         model: The model; its batch-norm layers are found by `batch_norm_layers`.
@@ -112,12 +112,8 @@ def recalibrate(
     # now bake the 0 in; the cached function stays right after the momenta are restored.
     for layer in layers:
         layer.momentum = 0.0
-    # The training-mode pass draws dropout masks: put the random layers' seed state back
-    # afterwards, so that training goes on exactly as it would have without re-estimation.
-    weights = {id(v) for v in model.weights}
-    random_state = [
-        (v, keras.ops.convert_to_numpy(v)) for v in model.variables if id(v) not in weights
-    ]
+    # The pass is stateless (`make_forward`): dropout's seed state is left as it was, so
+    # training goes on exactly as it would have without re-estimation.
     sums = None
     used = 0
     try:
@@ -131,8 +127,6 @@ def recalibrate(
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
-        for variable, value in random_state:
-            variable.assign(value)
     if not used:
         raise ValueError("`dataset` yielded no batch to re-estimate the statistics from")
     for index, layer in enumerate(layers):

@@ -130,7 +130,10 @@ def test_sgd_is_lars_without_adaptation(dirs):
         (["--weight_decay=-1"], "--weight_decay=-1: -1.0 is not a non-negative number"),
         (["--eval_steps=0"], "--eval_steps=0: 0 is not a positive integer"),
         (["--momentum=1.5"], "--momentum must be in [0, 1)"),
-        (["--dataset=imagenet"], "--dataset must be one of tfrecord, folder, synthetic"),
+        (
+            ["--dataset=imagenet"],
+            "--dataset must be one of tfrecord, folder, synthetic, tfds:<name>",
+        ),
         (["--model=vgg16"], "value should be one of"),
         (["--dtype=float16"], "value should be one of"),
         (["--flagfile=/nonexistent/recipe.cfg"], "/nonexistent/recipe.cfg"),
