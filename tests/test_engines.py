@@ -412,7 +412,7 @@ def test_jax_two_processes_equal_two_horovod_workers_and_resume(tmp_path, jpeg_f
 
 
 # Two replicas in one process: both engines spread a process over its devices.
-TWO_REPLICAS = {"tf_distribute": ["--cpu_devices=2"], "jax": ["--cpu_devices=2"]}
+TWO_REPLICAS = "--cpu_devices=2"
 CHECKPOINT_SUFFIX = {"tf_distribute": ".index", "jax": ".npz"}
 
 
@@ -458,7 +458,7 @@ def wait_until(condition, child: subprocess.Popen, log: Path, what: str) -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["tf_distribute", "jax"])
 def test_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path, engine):
-    common = [*TINY, *SYNTHETIC, f"--engine={engine}", *TWO_REPLICAS[engine]]
+    common = [*TINY, *SYNTHETIC, f"--engine={engine}", TWO_REPLICAS]
     common.append("--checkpoint_every_steps=1")
     diverged = tmp_path / "diverged"
     run(*common, "--train_steps=2", f"--model_dir={diverged}")
@@ -519,7 +519,7 @@ def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(tmp_pa
     common = [
         *TINY,
         f"--engine={engine}",
-        *TWO_REPLICAS[engine],
+        TWO_REPLICAS,
         "--dataset=folder",
         f"--data_dir={root}",
         "--preprocessing=cifar",
