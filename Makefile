@@ -6,12 +6,14 @@
 #   GPU=1       install the CUDA build of TensorFlow and build Horovod with NCCL
 #   TF_PACKAGE  the TensorFlow requirement itself (default tensorflow-cpu==2.21.*)
 #   PYTEST_ARGS extra pytest arguments, e.g. PYTEST_ARGS="-m 'not slow'"
+#   TEST_WORKERS pytest-xdist processes of `make test` (default 2, one per core here; 0: none)
 #   NP          Horovod processes, or devices of the other engines, for `make train` (default 2)
 #   ENGINE      the engine of `make train`: horovod (default), tf_distribute or jax
 
 VENV ?= .venv
 PYTHON ?= python3.11
 NP ?= 2
+TEST_WORKERS ?= 2
 ENGINE ?= horovod
 ifeq ($(GPU),1)
 TF_PACKAGE ?= tensorflow[and-cuda]==2.21.*
@@ -45,7 +47,7 @@ format: install
 
 test: install
 	$(BIN)/ruff check .
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist=loadfile $(PYTEST_ARGS)
 
 # The demo: Fashion-MNIST from Debian's dataset-fashion-mnist package (offline), then a fresh
 # run of flags/demo_fashion_mnist.cfg on $(NP) Horovod processes, or (ENGINE=tf_distribute,

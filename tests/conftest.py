@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+_JAX_CACHE: str | None = None
+
+
+def pytest_configure(config):
+    # JAX compiles each program once per process: about 90 in a tiny train.py run, a third
+    # of a second each on these CPUs, so most of a JAX test's time. One persistent cache for
+    # the session's processes (train.py runs, the any_backend suite) compiles each program
+    # once; what runs is unchanged. A cache the caller set is kept, and so is the one a
+    # parent pytest made.
+    global _JAX_CACHE
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _JAX_CACHE = tempfile.mkdtemp(prefix="lars_tf_jax_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    if _JAX_CACHE is not None:
+        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def _has_gpu() -> bool:

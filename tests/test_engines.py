@@ -9,107 +9,38 @@ in one XLA program, so its batch norm sees the whole batch and it is compared wi
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from absl import flags
 from checkpoint_files import checkpoint_values
+from engine_runs import (
+    ACROSS_BACKENDS,
+    PLAIN,
+    REPO,
+    SYNTHETIC,
+    TIMEOUT,
+    TINY,
+    TOLERANCE,
+    array_checkpoint,
+    array_entries,
+    assert_close,
+    environment,
+    run,
+    run_jax_processes,
+    trainable_weights,
+)
 from jpeg_fixtures import jpeg_bytes
 
 from lars_tf.engines import launch
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # train_flags lives at the top level, beside train.py
 import train_flags  # noqa: E402
-
-TIMEOUT = 300
-TINY = [
-    "--model=alexnet_bn_small",
-    "--width_multiplier=0.125",
-    "--groups=1",
-    "--image_size=32",
-    "--log_every_steps=0",
-    "--global_batch_size=8",
-    "--eval_every_epochs=0",
-    "--progress_every_steps=0",
-]
-SYNTHETIC = ["--synthetic", "--synthetic_examples=32", "--num_classes=10"]
-# No batch norm and no dropout: per-replica statistics and masks would differ by design.
-PLAIN = ["--normalization=none", "--dropout=0"]
-# Float32 sums of 2 half batches against one whole batch, over 3 LARS updates.
-TOLERANCE = dict(rtol=1e-5, atol=2e-6)
-# The same run on TensorFlow and on JAX (XLA), from the same initial weights.
-ACROSS_BACKENDS = dict(rtol=1e-4, atol=1e-5)
-
-
-def environment(**extra: str) -> dict[str, str]:
-    # train.py sets KERAS_BACKEND from --engine; the suite's own setting must not leak in.
-    kept = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    return {**kept, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", **extra}
-
-
-def run(*argv: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *argv],
-        env=environment(**env),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
-
-
-def array_entries(model_dir: Path) -> list[tuple[str, np.ndarray]]:
-    """The latest `ArrayCheckpointer` archive of a JAX run: (path, value), model variables
-    first, in the model's order, then the optimizer's."""
-    folder = model_dir / "checkpoints"
-    name = json.loads((folder / "checkpoint.json").read_text())["checkpoints"][-1]
-    with np.load(io.BytesIO((folder / name).read_bytes())) as stored:
-        keys = sorted(k for k in stored.files if ":" in k)
-        return [("images_seen", stored["images_seen"])] + [
-            (key.split(":", 1)[1], stored[key]) for key in keys
-        ]
-
-
-def array_checkpoint(model_dir: Path) -> dict[str, np.ndarray]:
-    return dict(array_entries(model_dir))
-
-
-def trainable_weights(values: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """A TensorFlow checkpoint's trainable weights, in the model's order."""
-    found = []
-    while (key := f"optimizer/_trainable_variables/{len(found)}/.ATTRIBUTES/VARIABLE_VALUE") in (
-        values
-    ):
-        found.append(values[key])
-    return found
-
-
-def assert_close(actual: dict, expected: dict, extra: str = "", **tolerance) -> None:
-    """Every float value of `expected` in `actual`; `actual` may add names containing `extra`
-    (gradient accumulators)."""
-    added = actual.keys() - expected.keys()
-    assert expected.keys() <= actual.keys() and all(extra and extra in n for n in added), added
-    compared = 0
-    for name, value in expected.items():
-        if value.dtype.kind != "f":
-            continue
-        np.testing.assert_allclose(actual[name], value, err_msg=name, **tolerance)
-        compared += 1
-    assert compared > 4  # the weights were really compared
 
 
 @pytest.fixture(scope="module")
@@ -320,49 +251,9 @@ HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
 HOROVODRUN_2 = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def run_jax_processes(
-    *argv: str, processes: int = 2, check: bool = True
-) -> list[subprocess.CompletedProcess]:
-    """`train.py --engine=jax` as `processes` processes of one job on localhost."""
-    job = {
-        "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{free_port()}",
-        "KERAS_DISTRIBUTION_NUM_PROCESSES": str(processes),
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), "--engine=jax", *argv],
-            env=environment(**job, KERAS_DISTRIBUTION_PROCESS_ID=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(processes)
-    ]
-    done = []
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            stdout, stderr = proc.communicate()
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    for rank, proc in enumerate(done):
-        assert proc.returncode == 0 or not check, (
-            f"rank {rank}:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
-        )
-    return done
-
-
 @pytest.mark.slow
 @pytest.mark.horovod
-def test_jax_two_processes_equal_two_horovod_workers_and_resume(tmp_path, jpeg_folder):
+def test_jax_two_processes_equal_two_horovod_workers(tmp_path, jpeg_folder):
     # Each process reads its own shard (auto_shard_dataset=False), as each Horovod worker
     # does. At global batch 16 every update is the whole training split (a worker's batch is
     # its whole shard; the order inside a shard depends on its seed, which the engines set
@@ -394,174 +285,17 @@ def test_jax_two_processes_equal_two_horovod_workers_and_resume(tmp_path, jpeg_f
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(a, e, **ACROSS_BACKENDS)
 
-    # Two processes resume it, to update 5 (rank 0 reads, every process assigns: JAX
-    # checks that they place equal values), logging the per-layer statistics on rank 0.
-    # (Resuming on another device count: test_the_three_engines_end_alike_...)
-    again = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=0", "--log_every_steps=1"]
-    rank0, _ = run_jax_processes(*again, f"--model_dir={jax}")
-    assert f"Resuming from {jax}/checkpoints/ckpt-3" in rank0.stdout
-    assert json.loads((jax / "results.json").read_text())["step"] == 5
-    assert "identical on all 2 workers" in rank0.stdout
-    # A checkpoint rank 0 cannot read stops both processes, each saying why.
+    # A checkpoint rank 0 cannot read stops both processes, each saying why. (Two processes
+    # resume a run exactly, after kill -9 and after a SIGTERM, logging the per-layer
+    # statistics on rank 0: tests/test_engine_faults.py; on another device count:
+    # test_the_three_engines_end_alike_...)
     index = json.loads((jax / "checkpoints" / "checkpoint.json").read_text())["checkpoints"]
     (jax / "checkpoints" / index[-1]).write_bytes(b"damaged")
+    again = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=0"]
     failed = run_jax_processes(*again, f"--model_dir={jax}", check=False)
     assert [p.returncode for p in failed] == [1, 1]
     assert "rank 0 failed to restore the latest checkpoint" in failed[1].stderr
     assert "cannot be read: its file is damaged" in failed[0].stderr + failed[1].stderr
-
-
-# Two replicas in one process: both engines spread a process over its devices.
-TWO_REPLICAS = "--cpu_devices=2"
-CHECKPOINT_SUFFIX = {"tf_distribute": ".index", "jax": ".npz"}
-
-
-def checkpoint_steps(model_dir: Path, engine: str) -> list[int]:
-    """The updates of the checkpoints in `model_dir`, in either engine's format."""
-    suffix = CHECKPOINT_SUFFIX[engine]
-    return sorted(
-        int(p.name[5 : -len(suffix)]) for p in (model_dir / "checkpoints").glob(f"ckpt-*{suffix}")
-    )
-
-
-def latest_step(model_dir: Path, engine: str) -> int | None:
-    """The update of the latest checkpoint the index names (written after the files, so a
-    checkpoint it names is complete), in either engine's format."""
-    folder = model_dir / "checkpoints"
-    if engine == "jax":
-        index = folder / "checkpoint.json"
-        if not index.exists():
-            return None
-        return int(json.loads(index.read_text())["checkpoints"][-1][5:-4])
-    latest = tf.train.latest_checkpoint(str(folder)) if folder.exists() else None
-    return None if latest is None else int(latest.rsplit("-", 1)[1])
-
-
-def start_train(argv: list[str], log: Path) -> subprocess.Popen:
-    with open(log, "w") as out:  # a file, not a pipe: nobody reads while it runs
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), *argv],
-            env=environment(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_until(condition, child: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert child.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what}"
-        time.sleep(0.01)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["tf_distribute", "jax"])
-def test_nan_keeps_the_last_good_checkpoint_and_sigterm_checkpoints(tmp_path, engine):
-    common = [*TINY, *SYNTHETIC, f"--engine={engine}", TWO_REPLICAS]
-    common.append("--checkpoint_every_steps=1")
-    diverged = tmp_path / "diverged"
-    run(*common, "--train_steps=2", f"--model_dir={diverged}")
-    proc = run(
-        *common,
-        "--train_steps=6",
-        "--learning_rate=1e25",
-        f"--model_dir={diverged}",
-        check=False,
-    )
-    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    failed = int(proc.stdout.split("became NaN or Inf at step ")[1].split(".")[0])
-    # The checkpoint of the failed step (its weights gave the bad loss) was deleted; the
-    # one before it is kept, intact.
-    kept = checkpoint_steps(diverged, engine)
-    assert 2 <= kept[-1] < failed and failed not in kept
-    assert f"The last good checkpoint, {diverged}/checkpoints/ckpt-{kept[-1]}" in proc.stdout
-    values = array_checkpoint(diverged) if engine == "jax" else checkpoint_values(diverged)
-    images = values["images_seen" if engine == "jax" else "images_seen/.ATTRIBUTES/VARIABLE_VALUE"]
-    assert int(images) == kept[-1] * 8
-    assert all(np.isfinite(v).all() for v in values.values() if v.dtype.kind == "f")
-
-    stopped = tmp_path / "stopped"
-    log = tmp_path / "stopped.log"
-    child = start_train(
-        [
-            *common,
-            "--train_steps=100000",
-            "--checkpoint_every_steps=0",  # at epoch ends (4 updates) and on the SIGTERM
-            f"--model_dir={stopped}",
-        ],
-        log,
-    )
-    try:
-        # The checkpoint of epoch 1's end: the SIGTERM then lands in a later update.
-        wait_until(lambda: checkpoint_steps(stopped, engine), child, log, "checkpoint")
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(timeout=TIMEOUT) == 143, log.read_text()[-3000:]
-    finally:
-        child.kill()
-    output = log.read_text()
-    step = int(output.split("SIGTERM: stopped at step ")[1].split(";")[0])
-    assert f"checkpoint {stopped}/checkpoints/ckpt-{step}" in output
-    assert checkpoint_steps(stopped, engine)[-1] == step > 4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["tf_distribute", "jax"])
-def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(tmp_path, engine):
-    # Random crops and flips, dropout, a shuffled order: after the restart each must be the
-    # uninterrupted run's, wherever in an epoch (2 updates of 2 x 4 images) it stopped.
-    root = tmp_path / "data"
-    for label in "ab":
-        (root / "train" / label).mkdir(parents=True)
-        for i in range(4):
-            path = root / "train" / label / f"{i}.JPEG"
-            path.write_bytes(jpeg_bytes(36, 36, seed=ord(label) * 10 + i))
-    common = [
-        *TINY,
-        f"--engine={engine}",
-        TWO_REPLICAS,
-        "--dataset=folder",
-        f"--data_dir={root}",
-        "--preprocessing=cifar",
-        "--deterministic",
-        "--train_steps=10",
-        "--checkpoint_every_steps=1",
-        "--eval_every_epochs=0",
-        "--num_classes=2",
-    ]
-    (root / "validation").symlink_to(root / "train")
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run(*common, f"--model_dir={reference}")
-    log = tmp_path / "killed.log"
-    child = start_train([*common, f"--model_dir={killed}"], log)
-    try:
-        # Killed in epoch 1 or later: the rerun's first `fit` starts at a later epoch than
-        # the uninterrupted run's (Keras on JAX once read its input before training there).
-        wait_until(lambda: (latest_step(killed, engine) or 0) >= 3, child, log, "checkpoint 3")
-        child.kill()
-        assert child.wait(timeout=TIMEOUT) == -signal.SIGKILL
-    finally:
-        child.kill()
-    step = latest_step(killed, engine)
-    assert 3 <= step < 10
-    proc = run(*common, f"--model_dir={killed}")
-    assert f"Resuming from {killed}/checkpoints/ckpt-{step}" in proc.stdout
-    assert json.loads((killed / "results.json").read_text())["step"] == 10
-    if engine == "jax":
-        actual, expected = array_checkpoint(killed), array_checkpoint(reference)
-    else:
-        actual, expected = checkpoint_values(killed), checkpoint_values(reference)
-    # As test_reliability's Horovod run: LARS's statistics (ratios of float32 norms) get ten
-    # times the weights' rtol.
-    statistics = {k for k in expected if "_statistics" in k}
-    assert_close(
-        {k: v for k, v in actual.items() if k not in statistics},
-        {k: v for k, v in expected.items() if k not in statistics},
-        rtol=1e-6,
-        atol=1e-9,
-    )
-    for key in statistics:
-        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-5, atol=1e-9, err_msg=key)
 
 
 # --- the JAX engine's checkpoint format, on this process's backend ------------------------

@@ -3,12 +3,12 @@ from the run's CSV log and TensorBoard layer logs have one point per epoch / log
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 PLOT_RUN = REPO / "tools" / "plot_run.py"
@@ -34,21 +34,6 @@ def _env() -> dict[str, str]:
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
 
 
-def load_tool():
-    """The tool's module, with its absl flags removed again from the global FlagValues: other
-    tools loaded in the same test process (tools/layer_table.py) define flags of the same
-    names (--output)."""
-    from absl import flags
-
-    before = set(flags.FLAGS)
-    spec = importlib.util.spec_from_file_location("plot_run", PLOT_RUN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for name in set(flags.FLAGS) - before:
-        delattr(flags.FLAGS, name)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     model_dir = tmp_path_factory.mktemp("plot") / "run"
@@ -68,7 +53,7 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_curves_read_back_with_one_point_per_epoch_and_update(tiny_run):
-    tool = load_tool()
+    tool = load_tool("plot_run")
     run = tool.Run(str(tiny_run))
     epochs = STEPS // STEPS_PER_EPOCH
     assert run.log["epoch"] == [1.0, 2.0]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tool_modules import load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -349,7 +350,7 @@ def test_protocol_without_longer_runs_or_bn_ablation(tmp_path):
 def test_layer_table_from_trust_ratio_events(tmp_path):
     """tools/layer_table.py reads LayerStatisticsLogger's event layout into Table 2's."""
     tf = pytest.importorskip("tensorflow")
-    import layer_table
+    layer_table = load_tool("layer_table")
 
     run = tmp_path / "b256"
     writer = tf.summary.create_file_writer(str(run / "tensorboard" / "layers"))
@@ -524,9 +525,15 @@ def test_claim_sweep_climbs_repeats_every_cell_and_stops(tmp_path):
     fake = FakeTrain(accuracy=peaked)
     records = sweep.sweep(claim, tmp_path / "runs", tmp_path / "results", fake)
     scaling = [r for r in records.values() if r["part"] == "scaling"]
+    assert claim.settled == (("sgd_warmup", 1024), ("lars", 1024))
     for method, batch in sweep.cells(claim, "alexnet_bn_small"):
         cell = sweep.cell_runs(claim, "alexnet_bn_small", method, batch, 1)
         tried = [i for i, r in enumerate(cell) if r.name in records]
+        if (method, batch) in claim.settled:  # the middle rate only, no repeats
+            assert tried == [len(cell) // 2]
+            repeats = [r for r in records.values() if r["part"] == "repeat"]
+            assert not [r for r in repeats if (r["method"], r["batch"]) == (method, batch)]
+            continue
         top = max(tried, key=lambda i: records[cell[i].name]["top1"])
         assert sweep.base_rate(claim, method, batch, cell[top].lr) == pytest.approx(
             best[method], rel=1e-3
@@ -537,6 +544,14 @@ def test_claim_sweep_climbs_repeats_every_cell_and_stops(tmp_path):
         seeds = [dataclasses.replace(cell[top], part="repeat", seed=s).name for s in (2, 3)]
         assert all(name in records for name in seeds)
     assert len(scaling) < len(sweep.scaling_runs(claim))  # the far rates did not run
+    # Every gap is measured against the baseline's best: its climb and repeats run before
+    # the large batches' repeats.
+    calls = fake.short_calls()
+    baseline = [i for i, name in enumerate(calls) if name.startswith("sgd_b128_")]
+    large_repeats = [
+        i for i, name in enumerate(calls) if name.endswith(("_s2", "_s3")) and "_b128_" not in name
+    ]
+    assert max(baseline) < min(large_repeats)
     longer = sorted(r["epochs"] for r in records.values() if r["part"] == "longer")
     assert longer == [1.5 * claim.epochs, 2 * claim.epochs]
     assert {r["method"] for r in records.values() if r["part"] == "longer"} == {"lars"}

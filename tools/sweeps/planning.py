@@ -74,7 +74,10 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
     bracketed best rates with other seeds (`repeat_runs`: the LARS - SGD comparison rests on
     them), the train-longer runs (as soon as the largest batch's LARS best is bracketed: they
     are planned from it), the baseline's neighbours, the other rates (far from every best,
-    they only fill in the sweep), the baseline's last (those runs are the slowest).
+    they only fill in the sweep), the baseline's last (those runs are the slowest). With
+    `repeat_baseline` the baseline's climb and repeats come right after the large-batch
+    climbs instead: every gap is measured against the baseline's best. `settled` cells
+    neither climb nor repeat.
 
     The order is recomputed after every run, so the neighbours step climb towards each cell's
     best rate: a sweep stopped early has bracketed the best of as many cells as it could,
@@ -89,8 +92,14 @@ def launch_order(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
         for run in next_to_best(protocol, model, records):
             is_baseline = run.batch == protocol.baseline_batch
             (baseline_climb if is_baseline else large_climb).append(run)
-        order += first + large_climb + [r for r in repeats if r.model == model]
-        order += [r for r in longer if r.model == model] + baseline_climb
+        model_repeats = [r for r in repeats if r.model == model]
+        baseline_repeats = [r for r in model_repeats if r.batch == protocol.baseline_batch]
+        if protocol.repeat_baseline:  # every gap is measured against the baseline's best
+            order += first + large_climb + baseline_climb + baseline_repeats + model_repeats
+            order += [r for r in longer if r.model == model]
+        else:
+            order += first + large_climb + model_repeats
+            order += [r for r in longer if r.model == model] + baseline_climb
         if protocol.fill_grid:
             order += rest + baseline_rest
     unique = {}
@@ -105,6 +114,8 @@ def next_to_best(protocol: Protocol, model: str, records: dict[str, dict]) -> li
     runs = []
     baseline, *large = cells(protocol, model)
     for method, batch in [*sorted(large, key=lambda c: -c[1]), baseline]:
+        if (method, batch) in protocol.settled:
+            continue
         for seed in protocol.seeds:
             runs += climb(cell_runs(protocol, model, method, batch, seed), records)[1]
     return runs
@@ -158,6 +169,8 @@ def repeat_runs(protocol: Protocol, records: dict[str, dict]) -> list[Run]:
         baseline, *large = cells(protocol, model)
         repeated = sorted(large, key=lambda c: -c[1]) + [baseline] * protocol.repeat_baseline
         for method, batch in repeated:
+            if (method, batch) in protocol.settled:
+                continue
             best, untried = climb(
                 cell_runs(protocol, model, method, batch, protocol.seeds[0]), records
             )

@@ -1,0 +1,209 @@
+"""Faults under each engine's two replicas: kill -9, SIGTERM and a NaN, in one job's life.
+
+Two replicas of one run, as each engine spreads a job: two devices of one process under
+`tf_distribute` (its multi-worker strategy is refused: keras-team/keras#20585), two processes
+of one job under `jax`. (Horovod's: tests/test_reliability.py and tests/test_train.py.) Every
+run is a real `train.py` process; every fault a real signal.
+
+One test per engine walks a job through the faults in turn, so that each launch (about 90 s
+for two JAX processes on these two cores) serves several checks: the job is killed with
+kill -9, rerun and stopped by a SIGTERM, rerun to its end (the uninterrupted run's weights),
+then continued at a rate that diverges (a NaN keeps the last good checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from checkpoint_files import checkpoint_values
+from engine_runs import (
+    REPO,
+    TIMEOUT,
+    TINY,
+    array_checkpoint,
+    assert_close,
+    environment,
+    jax_job,
+    run,
+    run_jax_processes,
+)
+from jpeg_fixtures import jpeg_bytes
+
+LAUNCHES = ["tf_distribute", "jax_processes"]
+CHECKPOINT_SUFFIX = {"tf_distribute": ".index", "jax_processes": ".npz"}
+
+
+def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
+    """train.py with `argv` under `launch`, to its end: each process's result, rank 0 first."""
+    if launch == "jax_processes":
+        return run_jax_processes(*argv, check=check)
+    return [run("--engine=tf_distribute", "--cpu_devices=2", *argv, check=check)]
+
+
+def start_launch(launch: str, argv: list[str], log: Path) -> list[subprocess.Popen]:
+    """train.py with `argv` under `launch`, started: process `rank` writes `log`.rank (a file,
+    not a pipe: nobody reads while it runs)."""
+    train = [sys.executable, str(REPO / "train.py")]
+    if launch == "jax_processes":
+        commands = [([*train, "--engine=jax", *argv], job) for job in jax_job(2)]
+    else:
+        commands = [([*train, "--engine=tf_distribute", "--cpu_devices=2", *argv], {})]
+    children = []
+    for rank, (command, job) in enumerate(commands):
+        with open(f"{log}.{rank}", "w") as out:
+            children.append(
+                subprocess.Popen(
+                    command, env=environment(**job), stdout=out, stderr=subprocess.STDOUT
+                )
+            )
+    return children
+
+
+def output(log: Path, rank: int = 0) -> str:
+    return Path(f"{log}.{rank}").read_text()
+
+
+def wait_until(condition, children: list[subprocess.Popen], log: Path, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        for rank, child in enumerate(children):
+            assert child.poll() is None, (
+                f"rank {rank} ended before {what}:\n{output(log, rank)[-3000:]}"
+            )
+        assert time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.01)
+
+
+def kill(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        child.kill()
+
+
+def checkpoint_steps(model_dir: Path, launch: str) -> list[int]:
+    """The updates of the checkpoints in `model_dir`, in either engine's format."""
+    suffix = CHECKPOINT_SUFFIX[launch]
+    return sorted(
+        int(p.name[5 : -len(suffix)]) for p in (model_dir / "checkpoints").glob(f"ckpt-*{suffix}")
+    )
+
+
+def latest_step(model_dir: Path, launch: str) -> int:
+    """The update of the latest checkpoint the index names (written after the files, so a
+    checkpoint it names is complete), in either engine's format; 0 before the first."""
+    folder = model_dir / "checkpoints"
+    if launch == "jax_processes":
+        index = folder / "checkpoint.json"
+        if not index.exists():
+            return 0
+        return int(json.loads(index.read_text())["checkpoints"][-1][5:-4])
+    latest = tf.train.latest_checkpoint(str(folder)) if folder.exists() else None
+    return 0 if latest is None else int(latest.rsplit("-", 1)[1])
+
+
+def stored_values(model_dir: Path, launch: str) -> dict[str, np.ndarray]:
+    """The latest checkpoint's values, with its images consumed under "images_seen"."""
+    if launch == "jax_processes":
+        return array_checkpoint(model_dir)
+    values = checkpoint_values(model_dir)
+    return {**values, "images_seen": values["images_seen/.ATTRIBUTES/VARIABLE_VALUE"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
+    # Random crops and flips, dropout, a shuffled order (2 updates of 8 images per epoch):
+    # after each restart every one must be the uninterrupted run's, wherever in an epoch
+    # the job stopped.
+    root = tmp_path / "data"
+    for label in "ab":
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(8):
+            path = root / "train" / label / f"{i}.JPEG"
+            path.write_bytes(jpeg_bytes(36, 36, seed=ord(label) * 10 + i))
+    (root / "validation").symlink_to(root / "train")
+    common = [
+        *TINY,
+        "--dataset=folder",
+        f"--data_dir={root}",
+        "--preprocessing=cifar",
+        "--deterministic",
+        "--checkpoint_every_steps=1",
+        "--log_every_steps=5",  # the per-layer statistics, written by rank 0
+        "--num_classes=2",
+    ]
+    # 20 updates: room for the SIGTERM to land before the end, whenever the kill came.
+    steps = 20
+    reference, job = tmp_path / "reference", tmp_path / "job"
+    run_launch(launch, [*common, f"--train_steps={steps}", f"--model_dir={reference}"])
+    argv = [*common, f"--train_steps={steps}", f"--model_dir={job}"]
+
+    # kill -9 of every process, as a scheduler ends a job, once the index names update 3 or
+    # later: epoch 1 or later, so the rerun's first `fit` starts at a later epoch than the
+    # uninterrupted run's (Keras on JAX once read its input before training there).
+    log = tmp_path / "killed.log"
+    children = start_launch(launch, argv, log)
+    try:
+        wait_until(lambda: latest_step(job, launch) >= 3, children, log, "checkpoint 3")
+    finally:
+        kill(children)
+    codes = [child.wait(timeout=TIMEOUT) for child in children]
+    assert codes == [-signal.SIGKILL] * len(children)
+    killed_at = latest_step(job, launch)
+    assert 3 <= killed_at < steps
+
+    # The rerun resumes there. A SIGTERM to its last process only: the guard stops every
+    # process at the same batch, with a checkpoint there (exit 143).
+    log = tmp_path / "stopped.log"
+    children = start_launch(launch, argv, log)
+    try:
+        wait_until(lambda: latest_step(job, launch) > killed_at, children, log, "a new update")
+        children[-1].send_signal(signal.SIGTERM)
+        codes = [child.wait(timeout=TIMEOUT) for child in children]
+    finally:
+        kill(children)
+    text = output(log)
+    assert codes == [143] * len(children), text[-3000:] + output(log, len(children) - 1)[-3000:]
+    assert f"Resuming from {job}/checkpoints/ckpt-{killed_at}" in text
+    stopped_at = int(text.split("SIGTERM: stopped at step ")[1].split(";")[0])
+    assert f"checkpoint {job}/checkpoints/ckpt-{stopped_at}" in text
+    assert killed_at < stopped_at == latest_step(job, launch) < steps
+
+    # The second rerun ends with the uninterrupted run's weights.
+    proc = run_launch(launch, argv)[0]
+    assert f"Resuming from {job}/checkpoints/ckpt-{stopped_at}" in proc.stdout
+    assert json.loads((job / "results.json").read_text())["step"] == steps
+    assert (job / "tensorboard" / "layers").is_dir()
+    actual, expected = stored_values(job, launch), stored_values(reference, launch)
+    # As test_reliability's Horovod run: LARS's statistics (ratios of float32 norms) get ten
+    # times the weights' rtol.
+    statistics = {k for k in expected if "_statistics" in k}
+    assert_close(
+        {k: v for k, v in actual.items() if k not in statistics},
+        {k: v for k, v in expected.items() if k not in statistics},
+        rtol=1e-6,
+        atol=1e-9,
+    )
+    for key in statistics:
+        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-5, atol=1e-9, err_msg=key)
+
+    # Continued at a rate that diverges: every process stops (exit 3); the checkpoint of the
+    # failed step (its weights gave the bad loss) is deleted, the one before it kept, intact.
+    diverging = [*common, f"--train_steps={steps + 4}", "--learning_rate=1e25"]
+    procs = run_launch(launch, [*diverging, f"--model_dir={job}"], check=False)
+    proc = procs[0]
+    assert [p.returncode for p in procs] == [3] * len(procs), proc.stdout[-3000:] + proc.stderr
+    failed = int(proc.stdout.split("became NaN or Inf at step ")[1].split(".")[0])
+    kept = checkpoint_steps(job, launch)
+    assert steps <= kept[-1] < failed and failed not in kept
+    assert f"The last good checkpoint, {job}/checkpoints/ckpt-{kept[-1]}" in proc.stdout
+    values = stored_values(job, launch)
+    assert int(values["images_seen"]) == kept[-1] * 8
+    assert all(np.isfinite(v).all() for v in values.values() if v.dtype.kind == "f")
