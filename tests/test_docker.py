@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("test_docker"),
+]  # one image build
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "lars-tf:cpu-test"
