@@ -22,10 +22,7 @@ ANY_BACKEND = Path(__file__).parent / "any_backend"
 # How many tests may skip: the JAX-only DataParallel test under PyTorch, nothing else.
 EXPECTED_SKIPS = {"jax": 0, "torch": 1}
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xdist_group("test_backends"),
-]  # module fixtures: one worker
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

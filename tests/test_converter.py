@@ -23,9 +23,6 @@ from jpeg_fixtures import (
 
 from lars_tf.data import convert, imagenet
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_converter")
-
 SYNSETS = imagenet.imagenet_synsets()
 FISH, SHARK, DOG = SYNSETS[0], SYNSETS[2], SYNSETS[155]  # n01440764, n01491361, n02086240
 

@@ -30,9 +30,6 @@ from lars_tf.data import (
 )
 from lars_tf.data import preprocessing as pp
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_data")
-
 SYNSETS = imagenet.imagenet_synsets()
 
 

@@ -23,9 +23,6 @@ import tensorflow as tf
 from lars_tf import distributed
 from lars_tf.optimizer import LARS
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_distributed")
-
 SCRIPT = Path(__file__).parent / "hvd_scripts" / "equivalence.py"
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, STEPS = 16, 3

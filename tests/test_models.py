@@ -23,9 +23,6 @@ from lars_tf import models
 from lars_tf.models import _common
 from lars_tf.models.layers import LocalResponseNormalization, ZeroPadShortcut
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_models")
-
 PAPER_MODELS = {"alexnet": 60_965_224, "alexnet_bn": 60_965_224, "resnet50": 25_557_032}
 # Trainable parameters with 10 classes at the default 32x32 input.
 SMALL_MODELS = {"alexnet_bn_small": 1_796_458, "resnet20_cifar": 269_722, "resnet32_cifar": 464_154}

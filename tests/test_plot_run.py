@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 from tool_modules import load_tool
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_plot_run")
-
 REPO = Path(__file__).resolve().parents[1]
 PLOT_RUN = REPO / "tools" / "plot_run.py"
 TIMEOUT = 300

@@ -38,9 +38,6 @@ from jpeg_fixtures import cmyk_jpeg_bytes, jpeg_bytes, png_bytes, random_pixels,
 import train_flags
 from lars_tf.data import build_dataset, imagenet
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_reliability")
-
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = str(REPO / "train.py")
 STALLING_TRAIN_PY = str(REPO / "tests" / "reliability_scripts" / "train_stalling_checkpoint.py")

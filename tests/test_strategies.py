@@ -36,10 +36,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "strategy_fit.py"
 TOLERANCE = {"rtol": 0.0, "atol": 2e-6}
 MIXED_RELATIVE_DISTANCE = 1e-3
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xdist_group("test_strategies"),
-]  # module fixtures: one worker
+pytestmark = pytest.mark.slow
 
 # "default" is `jit_compile=True`, which compiles the update with XLA on one device and is
 # ignored under a strategy (the test checks both); "no_xla" is `jit_compile=False`.

@@ -27,9 +27,6 @@ from jpeg_fixtures import jpeg_bytes
 
 from lars_tf import checkpoint, evaluation, guard, trainer
 
-# Its module-scoped fixtures are built once: pytest-xdist keeps its tests on one worker.
-pytestmark = pytest.mark.xdist_group("test_train")
-
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 TRAIN_PY = str(REPO / "train.py")
