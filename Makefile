@@ -47,7 +47,7 @@ format: install
 
 test: install
 	$(BIN)/ruff check .
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist=loadfile $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist=loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The demo: Fashion-MNIST from Debian's dataset-fashion-mnist package (offline), then a fresh
 # run of flags/demo_fashion_mnist.cfg on $(NP) Horovod processes, or (ENGINE=tf_distribute,

@@ -15,7 +15,6 @@ checkpoint was written first), 1 when the workers' replicas differ at the end.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -29,16 +28,7 @@ _LAUNCH_ERROR = engine_flags.prepare_launch(sys.argv)
 if _LAUNCH_ERROR is not None:
     # Before Keras is imported: a KERAS_BACKEND it cannot load would hide the message.
     sys.exit(f"train.py: {_LAUNCH_ERROR}")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# oneDNN's CPU kernels; TensorFlow reads the setting once, at import. By default it turns
-# them on only on CPUs with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX, so not, e.g., on AMD
-# EPYCs before Zen 4 or Intel Xeons before Cascade Lake: on such an EPYC the AlexNet twin's
-# and ResNet-20's train steps ran 1.42x and 1.47x faster with them, and channels_first models
-# cannot run on the CPU without them (`make bench` part 6 measures the ratio on any machine).
-# TF_ENABLE_ONEDNN_OPTS=0 in the environment keeps them off.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-from lars_tf import engines, evaluation, losses, models  # noqa: E402
+from lars_tf import engines, evaluation, losses  # noqa: E402
 from lars_tf.trainer import Outcome, Trainer  # noqa: E402
 
 EXIT_STATUS = {
@@ -58,15 +48,10 @@ def main(argv: list[str]) -> int:
         engine = engines.create(FLAGS.engine, FLAGS.cpu_devices)
         engine.configure(FLAGS.threads_per_worker)  # before TensorFlow initializes its devices
         train_flags.check_engine(engine)
-    except (engines.LaunchError, flags.ValidationError) as error:
-        raise app.UsageError(str(error)) from error
-    train_flags.configure_process(engine)
-    image_size = FLAGS.image_size or models.default_image_size(FLAGS.model)
-    batch = train_flags.per_worker_batch(engine.processes)
-    spec, run_input = train_flags.build_input(engine.processes, engine.rank, batch, image_size)
-    try:
+        train_flags.configure_process(engine)
+        spec, run_input = train_flags.build_input(engine.processes, engine.rank)
         plan = train_flags.run_plan(spec.num_examples, engine.processes)
-    except flags.ValidationError as error:
+    except (engines.LaunchError, flags.ValidationError) as error:
         raise app.UsageError(str(error)) from error
     peak_lr = train_flags.learning_rate()
     trainer = Trainer(
@@ -88,12 +73,12 @@ def main(argv: list[str]) -> int:
         results = trainer.evaluate(FLAGS.bn_recalibration_batches)
         trainer.report(evaluation.result_line(start, results))
         return 0
-    description = trainer.describe(
+    trainer.write_description(
+        FLAGS.flags_into_string(),
         peak_learning_rate=peak_lr,
         num_classes=spec.num_classes,
         image_shape=list(spec.image_shape),
     )
-    trainer.write_description(FLAGS.flags_into_string(), description)
     if start:
         trainer.report(f"Resuming from {trainer.checkpointer.latest} at step {start}.")
     trainer.report(trainer.start_line(FLAGS.model, spec.num_examples, peak_lr))

@@ -325,17 +325,20 @@ class Trainer:
         if self.engine.is_rank0():
             self._print(line)
 
-    def describe(self, **extra: Any) -> dict:
-        """What `plan.json` holds: the plan, the engine and its replicas, and `extra`."""
-        engine = self.engine
-        return {**self.plan.as_dict(), "engine": engine.name, "replicas": engine.replicas, **extra}
-
-    def write_description(self, flagfile: str, description: dict) -> None:
-        """On rank 0: the command's flags (`flags.txt`, reloadable with --flagfile) and
-        `description` (`plan.json`) into the model directory, both also as TensorBoard text."""
+    def write_description(self, flagfile: str, **extra: Any) -> None:
+        """On rank 0: the command's flags (`flags.txt`, reloadable with --flagfile) and the
+        plan, the engine, its replicas and `extra` (`plan.json`) into the model directory,
+        both also as TensorBoard text."""
         if not self.engine.is_rank0():
             return
         tf.io.gfile.makedirs(self.model_dir)
+        engine = self.engine
+        description = {
+            **self.plan.as_dict(),
+            "engine": engine.name,
+            "replicas": engine.replicas,
+            **extra,
+        }
         plan = json.dumps(description, indent=2)
         for name, text in (("flags.txt", flagfile), ("plan.json", plan)):
             with tf.io.gfile.GFile(os.path.join(self.model_dir, name), "w") as f:

@@ -62,7 +62,26 @@ def _has_gpu() -> bool:
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
+# The files whose tests take minutes, longest first (their times in the tenth session's CI).
+# `make test` hands whole files to its two pytest-xdist workers in collection order
+# (--dist=loadfile --no-loadscope-reorder), so these start first and the short files fill
+# the gaps: longest-processing-time-first. xdist's own order (most tests first) started the
+# JAX faults test last, and one worker idled for its five minutes.
+LONGEST_FIRST = (
+    "test_engines.py",
+    "test_engine_faults.py",
+    "test_docker.py",
+    "test_bench.py",
+    "test_reliability.py",
+    "test_train.py",
+    "test_gpu_check.py",
+    "test_backends.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file
     no_gpu = pytest.mark.skip(reason="no GPU on this machine (nvidia-smi -L failed or missing)")
     has_gpu = None
     for item in items:

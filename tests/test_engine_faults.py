@@ -14,6 +14,7 @@ then continued at a rate that diverges (a NaN keeps the last good checkpoint).
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,12 @@ def kill(children: list[subprocess.Popen]) -> None:
         child.kill()
 
 
+def progress_update(log: Path) -> int:
+    """The last update rank 0's progress lines name (`--progress_every_steps=1`); 0 if none."""
+    updates = re.findall(r"^update (\d+)/", output(log), flags=re.MULTILINE)
+    return int(updates[-1]) if updates else 0
+
+
 def checkpoint_steps(model_dir: Path, launch: str) -> list[int]:
     """The updates of the checkpoints in `model_dir`, in either engine's format."""
     suffix = CHECKPOINT_SUFFIX[launch]
@@ -108,6 +115,16 @@ def latest_step(model_dir: Path, launch: str) -> int:
     return 0 if latest is None else int(latest.rsplit("-", 1)[1])
 
 
+def indexed_steps(model_dir: Path, launch: str) -> list[int]:
+    """The updates of the checkpoints the index names (not files a kill left unindexed)."""
+    folder = model_dir / "checkpoints"
+    if launch == "jax_processes":
+        names = json.loads((folder / "checkpoint.json").read_text())["checkpoints"]
+        return sorted(int(name[5:-4]) for name in names)
+    state = tf.train.get_checkpoint_state(str(folder))
+    return sorted(int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths)
+
+
 def stored_values(model_dir: Path, launch: str) -> dict[str, np.ndarray]:
     """The latest checkpoint's values, with its images consumed under "images_seen"."""
     if launch == "jax_processes":
@@ -119,15 +136,16 @@ def stored_values(model_dir: Path, launch: str) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", LAUNCHES)
 def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
-    # Random crops and flips, dropout, a shuffled order (2 updates of 8 images per epoch):
+    # Random crops and flips, dropout, a shuffled order (8 updates of 8 images per epoch):
     # after each restart every one must be the uninterrupted run's, wherever in an epoch
     # the job stopped.
+    epoch = 8
     root = tmp_path / "data"
     for label in "ab":
         (root / "train" / label).mkdir(parents=True)
-        for i in range(8):
+        for i in range(epoch * 8 // 2):
             path = root / "train" / label / f"{i}.JPEG"
-            path.write_bytes(jpeg_bytes(36, 36, seed=ord(label) * 10 + i))
+            path.write_bytes(jpeg_bytes(36, 36, seed=ord(label) * 100 + i))
     (root / "validation").symlink_to(root / "train")
     common = [
         *TINY,
@@ -135,42 +153,44 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
         f"--data_dir={root}",
         "--preprocessing=cifar",
         "--deterministic",
-        "--checkpoint_every_steps=1",
         "--log_every_steps=5",  # the per-layer statistics, written by rank 0
+        "--progress_every_steps=1",
         "--num_classes=2",
     ]
-    # 20 updates: room for the SIGTERM to land before the end, whenever the kill came.
-    steps = 20
+    # 3 epochs: room for the SIGTERM to land inside epoch 1 or 2, whenever the kill came.
+    steps = 3 * epoch
     reference, job = tmp_path / "reference", tmp_path / "job"
     run_launch(launch, [*common, f"--train_steps={steps}", f"--model_dir={reference}"])
     argv = [*common, f"--train_steps={steps}", f"--model_dir={job}"]
 
     # kill -9 of every process, as a scheduler ends a job, once the index names an odd
-    # update from 3 on: in the middle of epoch 1 or later, so the rerun skips into an epoch
-    # and its first `fit` starts at a later epoch than the uninterrupted run's (Keras on JAX
-    # once read its input before training there).
+    # update in epoch 1 (a checkpoint every update): the rerun skips into an epoch and its
+    # first `fit` starts at a later epoch than the uninterrupted run's (Keras on JAX once
+    # read its input before training there).
     log = tmp_path / "killed.log"
-    children = start_launch(launch, argv, log)
+    children = start_launch(launch, [*argv, "--checkpoint_every_steps=1"], log)
 
     def odd_checkpoint() -> bool:
         step = latest_step(job, launch)
-        return step >= 3 and step % 2 == 1
+        return step > epoch and step % 2 == 1
 
     try:
-        wait_until(odd_checkpoint, children, log, "an odd checkpoint from 3 on")
+        wait_until(odd_checkpoint, children, log, "an odd checkpoint in epoch 1")
     finally:
         kill(children)
     codes = [child.wait(timeout=TIMEOUT) for child in children]
     assert codes == [-signal.SIGKILL] * len(children)
     killed_at = latest_step(job, launch)
-    assert 3 <= killed_at < steps
+    assert epoch < killed_at < 2 * epoch, "the kill came late: the rerun must resume in epoch 1"
 
-    # The rerun resumes there. A SIGTERM to its last process only: the guard stops every
-    # process at the same batch, with a checkpoint there (exit 143).
+    # The rerun resumes there, with checkpoints at epoch ends only. A SIGTERM to its last
+    # process only once rank 0 printed epoch 1's last update: the guard stops every process at
+    # the same batch in epoch 2 (the epoch end's save, pipeline and `fit` give the signal time
+    # to land), and the checkpoint of that mid-epoch update can only be the stop's own (143).
     log = tmp_path / "stopped.log"
-    children = start_launch(launch, argv, log)
+    children = start_launch(launch, [*argv, "--checkpoint_every_steps=0"], log)
     try:
-        wait_until(lambda: latest_step(job, launch) > killed_at, children, log, "a new update")
+        wait_until(lambda: progress_update(log) >= 2 * epoch, children, log, "epoch 1's end")
         children[-1].send_signal(signal.SIGTERM)
         codes = [child.wait(timeout=TIMEOUT) for child in children]
     finally:
@@ -181,6 +201,9 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
     stopped_at = int(text.split("SIGTERM: stopped at step ")[1].split(";")[0])
     assert f"checkpoint {job}/checkpoints/ckpt-{stopped_at}" in text
     assert killed_at < stopped_at == latest_step(job, launch) < steps
+    assert stopped_at % epoch, "the SIGTERM landed at an epoch end: no proof of its own save"
+    saved = [s for s in indexed_steps(job, launch) if s > killed_at]
+    assert [s for s in saved if s % epoch] == [stopped_at], saved
 
     # The second rerun ends with the uninterrupted run's weights.
     proc = run_launch(launch, argv)[0]
@@ -204,7 +227,12 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
 
     # Continued at a rate that diverges: every process stops (exit 3); the checkpoint of the
     # failed step (its weights gave the bad loss) is deleted, the one before it kept, intact.
-    diverging = [*common, f"--train_steps={steps + 4}", "--learning_rate=1e25"]
+    diverging = [
+        *common,
+        f"--train_steps={steps + 4}",
+        "--learning_rate=1e25",
+        "--checkpoint_every_steps=1",
+    ]
     procs = run_launch(launch, [*diverging, f"--model_dir={job}"], check=False)
     proc = procs[0]
     assert [p.returncode for p in procs] == [3] * len(procs), proc.stdout[-3000:] + proc.stderr

@@ -55,14 +55,18 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def run_one_process(mode: str, out: Path, *args: str) -> dict[str, np.ndarray]:
-    proc = subprocess.run(
+def start_one_process(mode: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(SCRIPT), mode, str(out), *args],
         env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def run_one_process(mode: str, out: Path, *args: str) -> dict[str, np.ndarray]:
+    proc = start_one_process(mode, out, *args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return dict(np.load(out))
 
@@ -169,6 +173,20 @@ def test_keras_fit_under_multi_worker_mirrored_still_fails_upstream(tmp_path):
     assert codes[0] != 0 and codes[1] != 0, "Keras fit under MultiWorkerMirrored works now"
     for error in errors:
         assert "Attempt to convert a value (PerReplica" in error, error[-3000:]
+
+
+def test_keras_gradient_accumulation_under_mirrored_still_fails_upstream(tmp_path):
+    """Keras' own SGD with `gradient_accumulation_steps=2`, no lars_tf involved: it trains on
+    one device, and under `MirroredStrategy` Keras' `fit` fails, because the optimizer
+    all-reduces inside the `ops.cond` that decides whether this batch applies the update (the
+    class of keras-team/keras#17429). The tf_distribute engine refuses --grad_accum_steps for
+    it (tests/test_engines.py). The day this test fails, Keras fixed it: then lift the refusal
+    and test k x B/k = B under the engine."""
+    one = run_one_process("one", tmp_path / "one.npz", "--optimizer=sgd", "--accumulation=2")
+    assert int(one["iterations"]) == 2  # 4 batches, one update every 2
+    proc = start_one_process("mirrored", tmp_path / "m.npz", "--optimizer=sgd", "--accumulation=2")
+    assert proc.returncode != 0, "Keras' gradient accumulation works under Mirrored now"
+    assert "`merge_call` called while defining a new graph" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_batch_norm_differs_by_the_per_replica_statistics(tmp_path):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -558,6 +559,16 @@ def test_claim_sweep_climbs_repeats_every_cell_and_stops(tmp_path):
     assert sweep.sweep(claim, tmp_path / "runs", tmp_path / "results", FakeTrain()) == records
     page = (tmp_path / "results" / "cifar10_claim.md").read_text()
     assert "## Against the small-batch baseline" in page and "**partial**" not in page
+    # Settled cells say so, and their gap is their one run's minus the baseline's mean.
+    assert page.count("; settled, no more runs |") == len(claim.settled)
+    at_128 = [r for r in records.values() if r["batch"] == 128]
+    best_lr = max((r for r in at_128 if r["part"] == "scaling"), key=lambda r: r["top1"])["lr"]
+    baseline_top1 = [r["top1"] for r in at_128 if r["lr"] == best_lr]
+    assert len(baseline_top1) == 3
+    for method, batch in claim.settled:
+        (only,) = [r for r in records.values() if (r["method"], r["batch"]) == (method, batch)]
+        gap = 100 * only["top1"] - 100 * statistics.mean(baseline_top1)
+        assert f"| {gap:+.2f} (settled: one seed, no error) |" in page
     # The baseline: 0.6 - 128 / 1e5 + e / 1000 + s / 100 at seeds 1-3; Nesterov at 4K is
     # 0.6 - 4096 / 1e5 + ... : 4.096 - 0.128 = 3.97 points below it, with standard error
     # sqrt(1 / 3 + 1 / 3) = 0.82 (both sd 1.00).

@@ -7,9 +7,9 @@ from typing import Any
 
 from absl import flags
 
-from lars_tf import data
+from lars_tf import data, models
 from lars_tf.trainer import RunInput
-from train_flags import _checks
+from train_flags import _checks, schedule
 from train_flags._checks import floats
 
 FLAGS = flags.FLAGS
@@ -141,18 +141,20 @@ def dataset_source(flag_values: flags.FlagValues = FLAGS) -> str:
 
 
 def build_input(
-    num_workers: int,
-    rank: int,
-    batch: int,
-    image_size: int,
-    flag_values: flags.FlagValues = FLAGS,
+    num_workers: int, rank: int, flag_values: flags.FlagValues = FLAGS
 ) -> tuple[data.InputSpec, RunInput]:
     """This worker's training spec (the first epoch's) and the `lars_tf.trainer.RunInput`.
 
-    `corrupt_count()` of the input is the number of undecodable training images skipped so
-    far, over every pipeline its `dataset_for_epoch` built.
+    Batches of `train_flags.per_worker_batch`, images of `--image_size` (else the model's
+    default size). `corrupt_count()` of the input is the number of undecodable training
+    images skipped so far, over every pipeline its `dataset_for_epoch` built.
+
+    Raises:
+        flags.ValidationError: The batch does not divide among the workers.
     """
     f = flag_values
+    batch = schedule.per_worker_batch(num_workers, f)
+    image_size = f.image_size or models.default_image_size(f.model)
     source = dataset_source(f)
     common = dict(
         data_dir=f.data_dir,

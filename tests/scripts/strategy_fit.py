@@ -1,7 +1,7 @@
 """`model.fit` with LARS under a tf.distribute strategy, or on one device; saves the result.
 
     python strategy_fit.py MODE OUT [--jit_compile=0|1] [--dtype=float32|mixed_float16]
-        [--optimizer=lars|sgd] [--batch_norm]
+        [--optimizer=lars|sgd] [--batch_norm] [--accumulation=K]
 
 MODE is `one` (one device), `mirrored` (`MirroredStrategy` over two logical CPU devices) or
 `multi_worker` (`MultiWorkerMirroredStrategy`; this process is one worker of the cluster in
@@ -32,6 +32,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--optimizer", default="lars", choices=["lars", "sgd"])
     parser.add_argument("--batch_norm", action="store_true")
+    # Keras' `gradient_accumulation_steps`: K batches per update (with Keras' SGD only).
+    parser.add_argument("--accumulation", type=int, default=None)
     # `fit`, or a custom loop (`strategy.run` of a step that calls `optimizer.apply`), the
     # other way to train under a strategy, and the one that works under MultiWorkerMirrored.
     parser.add_argument("--loop", default="fit", choices=["fit", "custom"])
@@ -116,7 +118,9 @@ def main() -> int:
                 jit_compile=bool(args.jit_compile),
             )
         else:
-            optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+            optimizer = keras.optimizers.SGD(
+                0.1, momentum=0.9, gradient_accumulation_steps=args.accumulation
+            )
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

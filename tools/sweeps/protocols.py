@@ -80,7 +80,9 @@ class Protocol:
             measured against the baseline's best, so its climb and repeats run before the
             large-batch repeats.
         settled: (method, batch) cells left at the runs they have: no further climb, no
-            repeats (a cut to fit a budget; the report lists their missing runs as "not run").
+            repeats (a cut to fit a budget). The report marks them "settled", lists their
+            missing runs as "not run" and gives their one run's gap to the baseline, without
+            an error; a cell settled at one rate is not bracketed (its rate sweep shows it).
         fill_grid: Whether the rates further than one step from each cell's best run too,
             after everything else; False: the sweep ends once every cell's best is bracketed
             and repeated and the train-longer runs are done.

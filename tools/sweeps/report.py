@@ -54,6 +54,7 @@ def best_per_cell(protocol: Protocol, records: dict[str, dict]) -> list[dict]:
                     done=len(done),
                     planned=len(planned),
                     diverged=len(done) - len(scored),
+                    settled=(method, batch) in protocol.settled,
                 )
             )
     return rows
@@ -124,7 +125,8 @@ def write_report(
                 "not run" if not b["done"] else percent(b["best"]["top1"] if b["best"] else None),
                 f"{b['best']['lr']:g}" if b["best"] else "-",
                 f"{b['done']} / {b['planned']}"
-                + (f" ({b['diverged']} diverged)" if b["diverged"] else ""),
+                + (f" ({b['diverged']} diverged)" if b["diverged"] else "")
+                + ("; settled, no more runs" if b["settled"] else ""),
             ]
             for b in best_rows
         ),
@@ -265,6 +267,14 @@ def _difference(a: dict, b: dict) -> str:
     return f"{a['mean'] - b['mean']:+.2f} ± {error:.2f}"
 
 
+def _one_seed_gap(cell: dict, baseline: dict | None) -> str:
+    """A settled cell's one run minus the baseline's mean: no error, one seed cannot give one."""
+    first = cell["values"][0]
+    if first in ("not run", None) or not baseline or baseline["mean"] is None:
+        return "settled: one seed, no gap"
+    return f"{100 * first - baseline['mean']:+.2f} (settled: one seed, no error)"
+
+
 def _seed_section(protocol: Protocol, stats: dict[tuple[str, str, int], dict]) -> list[str]:
     """The repeats table: per model and large batch, each method's best rate over all seeds."""
     lines = [
@@ -326,6 +336,8 @@ def _baseline_gap_section(
                 continue
             measured = cell["mean"] is not None and baseline and baseline["mean"] is not None
             gap = _difference(cell, baseline) if measured and method != "sgd" else "-"
+            if (method, batch) in protocol.settled:
+                gap = _one_seed_gap(cell, baseline)
             mean = "-" if cell["mean"] is None else f"{cell['mean']:.2f} ± {cell['sd']:.2f}"
             updates = "-" if cell["step"] is None else f"{cell['step']:,}"
             rows.append(row + [updates, f"{cell['lr']:g}", _per_seed(cell["values"]), mean, gap])
