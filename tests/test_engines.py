@@ -161,6 +161,14 @@ def test_fitting_launches_pass_and_prepare_the_backend():
         ),
         (["--engine=jax", "--fp16_allreduce"], {}, "--fp16_allreduce is Horovod's compression"),
         (["--cpu_devices=2"], {}, "--cpu_devices is for --engine=tf_distribute and jax"),
+        # absl's enum check names the engines before train.py's own launch check runs.
+        (["--engine=mpi"], {}, "--engine=mpi: value should be one of <horovod|tf_distribute|jax>"),
+        ([], {"KERAS_DISTRIBUTION_NUM_PROCESSES": "2"}, "launch with horovodrun instead"),
+        (
+            ["--engine=tf_distribute", "--num_workers=2"],
+            {"TF_CONFIG": TF_CONFIG_1},
+            "--num_workers=2 but this --engine=tf_distribute launch has 1",
+        ),
     ],
 )
 def test_train_py_refuses_a_bad_launch_before_any_work(tmp_path, argv, env, message):
@@ -238,13 +246,13 @@ def test_jax_two_devices_and_accumulation_equal_one_device(tmp_path, jpeg_folder
     plain = [*common, *PLAIN, *jpeg_folder]
     whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
     run(*plain, f"--model_dir={whole}")
-    run(*plain, "--grad_accum_steps=2", f"--model_dir={accumulated}")
-    assert_close(
-        array_checkpoint(accumulated),
-        array_checkpoint(whole),
-        extra="_gradient_accumulator",
-        **TOLERANCE,
-    )
+    proc = run(*plain, "--grad_accum_steps=2", f"--model_dir={accumulated}")
+    assert "1 worker(s) x 4 x 2 accumulation = global batch 8" in proc.stdout
+    stored = array_checkpoint(accumulated)
+    # Two micro-batches per update really ran: the accumulators exist, 3 updates of 8 images.
+    assert [k for k in stored if "_gradient_accumulator" in k]
+    assert int(stored["images_seen"]) == int(array_checkpoint(whole)["images_seen"]) == 24
+    assert_close(stored, array_checkpoint(whole), extra="_gradient_accumulator", **TOLERANCE)
 
 
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
