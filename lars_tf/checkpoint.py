@@ -68,7 +68,8 @@ class Checkpointer:
     are kept. Only the writer (rank 0) touches the directory; after `restore_latest` the
     caller broadcasts the state to the other workers. The state of the model's random layers
     (dropout's seed generators, which Keras leaves out of the model's checkpoint) is saved
-    too, so that a resumed single-process run draws the masks an uninterrupted one would.
+    too, so that a resumed run draws the masks an uninterrupted one would (on the other
+    Horovod workers through `lars_tf.distributed.broadcast_seed_draws`).
 
     Args:
         directory: Where the checkpoints go (created on the first save).

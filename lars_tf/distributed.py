@@ -407,7 +407,8 @@ def broadcast_model_and_optimizer(
     checkpoint): workers initialize their weights independently, and an optimizer whose slots
     differ would drift the replicas apart even with averaged gradients. The optimizer is built
     on `model.trainable_variables` first if needed, so its slots exist to be broadcast.
-    Random-seed state (dropout) is not broadcast: each worker keeps its own masks.
+    Random-seed state (dropout) is not broadcast: each worker keeps its own masks (see
+    `broadcast_seed_draws` for a restore).
 
     Args:
         model: A built Keras model.
@@ -421,6 +422,25 @@ def broadcast_model_and_optimizer(
     if optimizer is not None:
         variables += list(optimizer.variables)
     broadcast_variables(variables, root_rank=root_rank)
+
+
+def broadcast_seed_draws(model: keras.Model, root_rank: int = 0) -> None:
+    """Give every worker's random-seed state (dropout's seed generators, the model's
+    variables that are not weights) rank `root_rank`'s count of draws, keeping its own seed.
+
+    Workers draw their own masks (`--seed` + rank) as many times each; after a restore only
+    rank 0 holds the count, and without it the others would draw their first run's masks
+    again. A fresh run is unchanged: every count is 0.
+    """
+    weights = {id(v) for v in model.weights}
+    states = [v for v in model.variables if id(v) not in weights]
+    if not states or size() == 1:
+        return
+    own = [keras.ops.convert_to_numpy(v) for v in states]
+    broadcast_variables(states, root_rank=root_rank)
+    for variable, mine in zip(states, own, strict=True):
+        root = keras.ops.convert_to_numpy(variable)
+        variable.assign(np.asarray(keras_internals.with_draws_of(mine, root), dtype=mine.dtype))
 
 
 def broadcast_object(obj: Any, root_rank: int = 0) -> Any:

@@ -236,3 +236,15 @@ def build_for_fit(model: keras.Model, element_spec: Any) -> None:
         lambda spec: keras.KerasTensor(tuple(spec.shape), spec.dtype.name), element_spec
     )
     model._symbolic_build(data_batch=batch)
+
+
+def with_draws_of(own_state: Any, other_state: Any) -> list:
+    """A `keras.random.SeedGenerator` state with `own_state`'s seed and `other_state`'s count
+    of draws.
+
+    Keras keeps a generator's state as `[seed, draws]` (`SeedGenerator.next` adds `[0, 1]`,
+    the layout `tests/test_keras_internals.py` checks). Horovod workers seed their dropout
+    with `--seed` + rank, and only rank 0 restores a checkpoint: every worker takes rank 0's
+    count and keeps its own seed, so that a resumed run draws the masks it would have drawn.
+    """
+    return [own_state[0], other_state[1]]

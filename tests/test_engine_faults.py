@@ -1,9 +1,10 @@
 """Faults under each engine's two replicas: kill -9, SIGTERM and a NaN, in one job's life.
 
-Two replicas of one run, as each engine spreads a job: two devices of one process under
-`tf_distribute` (its multi-worker strategy is refused: keras-team/keras#20585), two processes
-of one job under `jax`. (Horovod's: tests/test_reliability.py and tests/test_train.py.) Every
-run is a real `train.py` process; every fault a real signal.
+Two replicas of one run, as each engine spreads a job: two processes under `horovodrun`, two
+devices of one process under `tf_distribute` (its multi-worker strategy is refused:
+keras-team/keras#20585), two processes of one job under `jax`. (More of Horovod's, a rank
+killed and resumed on other worker counts among them: tests/test_reliability.py.) Every run
+is a real `train.py` process; every fault a real signal.
 
 One test per engine walks a job through the faults in turn, so that each launch (about 90 s
 for two JAX processes on these two cores) serves several checks: the job is killed with
@@ -13,7 +14,9 @@ then continued at a rate that diverges (a NaN keeps the last good checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -38,23 +41,78 @@ from engine_runs import (
 )
 from jpeg_fixtures import jpeg_bytes
 
-LAUNCHES = ["tf_distribute", "jax_processes"]
-CHECKPOINT_SUFFIX = {"tf_distribute": ".index", "jax_processes": ".npz"}
+LAUNCHES = [
+    pytest.param("horovod_processes", marks=pytest.mark.horovod),
+    "tf_distribute",
+    "jax_processes",
+]
+CHECKPOINT_SUFFIX = {
+    "horovod_processes": ".index",
+    "tf_distribute": ".index",
+    "jax_processes": ".npz",
+}
+HOROVODRUN_2 = [str(Path(sys.executable).with_name("horovodrun")), "-np", "2", "-H", "localhost:2"]
+HOROVOD_ENV = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "120"}  # rendezvous on a loaded 2-core machine
 
 
 def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
-    """train.py with `argv` under `launch`, to its end: each process's result, rank 0 first."""
+    """train.py with `argv` under `launch`, to its end: each process's result, rank 0 first
+    (under horovodrun, one: horovodrun's, with every rank's output)."""
     if launch == "jax_processes":
         return run_jax_processes(*argv, check=check)
+    if launch == "horovod_processes":
+        proc = subprocess.run(
+            [*HOROVODRUN_2, "--gloo", sys.executable, str(REPO / "train.py"), *argv],
+            env=environment(**HOROVOD_ENV),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        if check:
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        return [proc]
     return [run("--engine=tf_distribute", "--cpu_devices=2", *argv, check=check)]
+
+
+def exit_codes(launch: str, codes: list[int], text: str) -> list[int]:
+    """Each process's exit status from `codes`, the launched processes' own; under
+    horovodrun (whose own status is 1 when a rank failed), the status of the first rank that
+    failed, which horovodrun names in its output `text`."""
+    if launch != "horovod_processes" or codes == [0]:
+        return codes
+    found = re.search(r"Process name: \d+\nExit code: (-?\d+)", text)
+    assert found is not None, text[-3000:]
+    return [int(found.group(1))]
+
+
+def horovod_ranks(model_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the train.py processes of the horovodrun job writing `model_dir`."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = dict(
+                line.split(b"=", 1)
+                for line in (entry / "environ").read_bytes().split(b"\0")
+                if b"=" in line
+            )
+            # The rank's python itself, not the `sh -c env ... python train.py` that starts it.
+            ours = f"--model_dir={model_dir}".encode() in argv and b"python" in argv[0]
+            if ours and len(argv) > 1 and argv[1].endswith(b"train.py"):
+                ranks[int(environ[b"HOROVOD_RANK"])] = int(entry.name)
+    return ranks
 
 
 def start_launch(launch: str, argv: list[str], log: Path) -> list[subprocess.Popen]:
     """train.py with `argv` under `launch`, started: process `rank` writes `log`.rank (a file,
-    not a pipe: nobody reads while it runs)."""
+    not a pipe: nobody reads while it runs); under horovodrun, horovodrun writes `log`.0."""
     train = [sys.executable, str(REPO / "train.py")]
     if launch == "jax_processes":
         commands = [([*train, "--engine=jax", *argv], job) for job in jax_job(2)]
+    elif launch == "horovod_processes":
+        commands = [([*HOROVODRUN_2, "--gloo", *train, *argv], HOROVOD_ENV)]
     else:
         commands = [([*train, "--engine=tf_distribute", "--cpu_devices=2", *argv], {})]
     children = []
@@ -83,14 +141,28 @@ def wait_until(condition, children: list[subprocess.Popen], log: Path, what: str
         time.sleep(0.01)
 
 
-def kill(children: list[subprocess.Popen]) -> None:
+def kill(children: list[subprocess.Popen], model_dir: Path) -> None:
+    """kill -9 of every process of the job: under horovodrun its ranks too (after it, so
+    that it cannot see a rank die and exit on its own first)."""
+    ranks = horovod_ranks(model_dir)
     for child in children:
         child.kill()
+    for pid in ranks.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def last_process(launch: str, children: list[subprocess.Popen], model_dir: Path) -> int:
+    """The pid of the job's last process: the last rank under horovodrun."""
+    if launch == "horovod_processes":
+        return horovod_ranks(model_dir)[1]
+    return children[-1].pid
 
 
 def progress_update(log: Path) -> int:
     """The last update rank 0's progress lines name (`--progress_every_steps=1`); 0 if none."""
-    updates = re.findall(r"^update (\d+)/", output(log), flags=re.MULTILINE)
+    # horovodrun prefixes each line with the rank's stream: "[0]<stdout>:update 3/24 ...".
+    updates = re.findall(r"^(?:\[0\]<stdout>:)?update (\d+)/", output(log), flags=re.MULTILINE)
     return int(updates[-1]) if updates else 0
 
 
@@ -177,9 +249,13 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
     try:
         wait_until(odd_checkpoint, children, log, "an odd checkpoint in epoch 1")
     finally:
-        kill(children)
+        kill(children, job)
     codes = [child.wait(timeout=TIMEOUT) for child in children]
     assert codes == [-signal.SIGKILL] * len(children)
+    deadline = time.monotonic() + 30
+    while horovod_ranks(job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not horovod_ranks(job), "ranks outlived the kill"
     killed_at = latest_step(job, launch)
     assert epoch < killed_at < 2 * epoch, "the kill came late: the rerun must resume in epoch 1"
 
@@ -191,11 +267,12 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
     children = start_launch(launch, [*argv, "--checkpoint_every_steps=0"], log)
     try:
         wait_until(lambda: progress_update(log) >= 2 * epoch, children, log, "epoch 1's end")
-        children[-1].send_signal(signal.SIGTERM)
+        os.kill(last_process(launch, children, job), signal.SIGTERM)
         codes = [child.wait(timeout=TIMEOUT) for child in children]
     finally:
-        kill(children)
+        kill(children, job)
     text = output(log)
+    codes = exit_codes(launch, codes, text)
     assert codes == [143] * len(children), text[-3000:] + output(log, len(children) - 1)[-3000:]
     assert f"Resuming from {job}/checkpoints/ckpt-{killed_at}" in text
     stopped_at = int(text.split("SIGTERM: stopped at step ")[1].split(";")[0])
@@ -209,7 +286,7 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
     proc = run_launch(launch, argv)[0]
     assert f"Resuming from {job}/checkpoints/ckpt-{stopped_at}" in proc.stdout
     assert json.loads((job / "results.json").read_text())["step"] == steps
-    if launch == "jax_processes":
+    if launch != "tf_distribute":
         assert "identical on all 2 workers" in proc.stdout
     assert list((job / "tensorboard" / "layers").glob("events.out.tfevents.*"))
     actual, expected = stored_values(job, launch), stored_values(reference, launch)
@@ -235,7 +312,8 @@ def test_kill_9_sigterm_and_nan_keep_the_run_exact(tmp_path, launch):
     ]
     procs = run_launch(launch, [*diverging, f"--model_dir={job}"], check=False)
     proc = procs[0]
-    assert [p.returncode for p in procs] == [3] * len(procs), proc.stdout[-3000:] + proc.stderr
+    codes = exit_codes(launch, [p.returncode for p in procs], proc.stdout + proc.stderr)
+    assert codes == [3] * len(procs), proc.stdout[-3000:] + proc.stderr
     failed = int(proc.stdout.split("became NaN or Inf at step ")[1].split(".")[0])
     kept = checkpoint_steps(job, launch)
     assert steps <= kept[-1] < failed and failed not in kept

@@ -96,3 +96,14 @@ def test_the_hooks_are_called_as_lars_relies_on():
         assert replica_updates == [1, 1]  # _distributed_tf_update_step: once per update
     # _get_current_learning_rate is what `learning_rate` reads (a float here).
     assert float(keras.ops.convert_to_numpy(optimizer.learning_rate)) == np.float32(0.1)
+
+
+def test_seed_generator_state_is_the_seed_then_the_draws():
+    # `with_draws_of` (Horovod's resume of each worker's dropout masks) relies on this layout.
+    generator = keras.random.SeedGenerator(seed=7)
+    seed, draws = keras.ops.convert_to_numpy(generator.state)
+    generator.next()
+    generator.next()
+    state = keras.ops.convert_to_numpy(generator.state)
+    assert (state[0], state[1]) == (seed, draws + 2)
+    assert keras_internals.with_draws_of([5, 0], state) == [5, draws + 2]

@@ -46,6 +46,7 @@ class HorovodEngine(Engine):
 
     def broadcast(self, model, optimizer) -> None:
         distributed.broadcast_model_and_optimizer(model, optimizer)
+        distributed.broadcast_seed_draws(model)
 
     def run_on_root(self, function, what):
         return distributed.run_on_root(function, what)
