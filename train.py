@@ -72,6 +72,7 @@ def main(argv: list[str]) -> int:
             raise app.UsageError(f"--eval_only: no checkpoint in {FLAGS.model_dir}")
         results = trainer.evaluate(FLAGS.bn_recalibration_batches)
         trainer.report(evaluation.result_line(start, results))
+        trainer.wait_for_all()
         return 0
     trainer.write_description(
         FLAGS.flags_into_string(),
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> int:
     trainer.report(trainer.start_line(FLAGS.model, spec.num_examples, peak_lr))
     result = trainer.run()
     trainer.report(result.summary())
+    trainer.wait_for_all()
     return EXIT_STATUS[result.outcome]
 
 

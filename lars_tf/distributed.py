@@ -436,6 +436,12 @@ def broadcast_seed_draws(model: keras.Model, root_rank: int = 0) -> None:
     states = [v for v in model.variables if id(v) not in weights]
     if not states or size() == 1:
         return
+    for variable in states:
+        if tuple(variable.shape) != (2,) or not variable.path.endswith("seed_generator_state"):
+            raise ValueError(
+                f"{variable.path}: a model variable that is neither a weight nor a seed "
+                "generator's state; lars_tf does not know how to resume it on every worker"
+            )
     own = [keras.ops.convert_to_numpy(v) for v in states]
     broadcast_variables(states, root_rank=root_rank)
     for variable, mine in zip(states, own, strict=True):

@@ -502,6 +502,15 @@ class Trainer:
         self.write_results(summary)
         return ended(Outcome.DONE, guard.step, results, evaluation.target_reached)
 
+    def wait_for_all(self) -> None:
+        """Return once every process got here (with one process, at once).
+
+        Call it last: under horovodrun a rank that exits has the others terminated within
+        seconds, so rank 0 must not be left writing the stop's checkpoint or its summary.
+        """
+        if self.engine.processes > 1:
+            self.engine.allreduce_max(0.0, name="lars_tf_exit")
+
     def write_results(self, summary: dict) -> None:
         if self.engine.is_rank0():
             with tf.io.gfile.GFile(os.path.join(self.model_dir, "results.json"), "w") as f:
