@@ -43,9 +43,12 @@ def environment(**extra: str) -> dict[str, str]:
     return {**kept, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1", **extra}
 
 
-def run(*argv: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run(
+    *argv: str, check: bool = True, launcher: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess:
+    """train.py with `argv`, to its end; under `launcher` (e.g. horovodrun's command) if given."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *argv],
+        [*launcher, sys.executable, str(REPO / "train.py"), *argv],
         env=environment(**env),
         capture_output=True,
         text=True,

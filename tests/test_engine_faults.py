@@ -63,16 +63,7 @@ def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
     if launch == "jax_processes":
         return run_jax_processes(*argv, check=check)
     if launch == "horovod_processes":
-        proc = subprocess.run(
-            [*HOROVODRUN_2, "--gloo", sys.executable, str(REPO / "train.py"), *argv],
-            env=environment(**HOROVOD_ENV),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-        if check:
-            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        return [proc]
+        return [run(*argv, check=check, launcher=(*HOROVODRUN_2, "--gloo"), **HOROVOD_ENV)]
     return [run("--engine=tf_distribute", "--cpu_devices=2", *argv, check=check)]
 
 
