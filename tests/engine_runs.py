@@ -37,6 +37,18 @@ TOLERANCE = dict(rtol=1e-5, atol=2e-6)
 ACROSS_BACKENDS = dict(rtol=1e-4, atol=1e-5)
 
 
+# Two Horovod ranks on this machine; Gloo, as a CPU build without MPI runs them.
+HOROVODRUN_2 = (
+    str(Path(sys.executable).with_name("horovodrun")),
+    "-np",
+    "2",
+    "-H",
+    "localhost:2",
+    "--gloo",
+)
+HOROVOD_ENV = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "120"}  # rendezvous on a loaded 2-core machine
+
+
 def environment(**extra: str) -> dict[str, str]:
     # train.py sets KERAS_BACKEND from --engine; the suite's own setting must not leak in.
     kept = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
@@ -59,11 +71,13 @@ def run(
     return proc
 
 
-def array_entries(model_dir: Path) -> list[tuple[str, np.ndarray]]:
-    """The latest `ArrayCheckpointer` archive of a JAX run: (path, value), model variables
-    first, in the model's order, then the optimizer's."""
+def array_entries(model_dir: Path, step: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """The latest `ArrayCheckpointer` archive of a JAX run, or the one of update `step`:
+    (path, value), model variables first, in the model's order, then the optimizer's."""
     folder = model_dir / "checkpoints"
     name = json.loads((folder / "checkpoint.json").read_text())["checkpoints"][-1]
+    if step is not None:
+        name = f"ckpt-{step}.npz"
     with np.load(io.BytesIO((folder / name).read_bytes())) as stored:
         keys = sorted(k for k in stored.files if ":" in k)
         return [("images_seen", stored["images_seen"])] + [
@@ -71,8 +85,8 @@ def array_entries(model_dir: Path) -> list[tuple[str, np.ndarray]]:
         ]
 
 
-def array_checkpoint(model_dir: Path) -> dict[str, np.ndarray]:
-    return dict(array_entries(model_dir))
+def array_checkpoint(model_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
+    return dict(array_entries(model_dir, step))
 
 
 def trainable_weights(values: dict[str, np.ndarray]) -> list[np.ndarray]:

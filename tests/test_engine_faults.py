@@ -29,6 +29,8 @@ import pytest
 import tensorflow as tf
 from checkpoint_files import checkpoint_values
 from engine_runs import (
+    HOROVOD_ENV,
+    HOROVODRUN_2,
     REPO,
     TIMEOUT,
     TINY,
@@ -51,10 +53,8 @@ CHECKPOINT_SUFFIX = {
     "tf_distribute": ".index",
     "jax_processes": ".npz",
 }
-HOROVODRUN_2 = [str(Path(sys.executable).with_name("horovodrun")), "-np", "2", "-H", "localhost:2"]
 # The train.py processes of a job: every one must exit with the job's status.
 PROCESSES = {"horovod_processes": 2, "tf_distribute": 1, "jax_processes": 2}
-HOROVOD_ENV = {"HOROVOD_GLOO_TIMEOUT_SECONDS": "120"}  # rendezvous on a loaded 2-core machine
 
 
 def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
@@ -63,7 +63,7 @@ def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
     if launch == "jax_processes":
         return run_jax_processes(*argv, check=check)
     if launch == "horovod_processes":
-        return [run(*argv, check=check, launcher=(*HOROVODRUN_2, "--gloo"), **HOROVOD_ENV)]
+        return [run(*argv, check=check, launcher=HOROVODRUN_2, **HOROVOD_ENV)]
     return [run("--engine=tf_distribute", "--cpu_devices=2", *argv, check=check)]
 
 
@@ -114,7 +114,7 @@ def start_launch(launch: str, argv: list[str], log: Path) -> list[subprocess.Pop
     if launch == "jax_processes":
         commands = [([*train, "--engine=jax", *argv], job) for job in jax_job(2)]
     elif launch == "horovod_processes":
-        commands = [([*HOROVODRUN_2, "--gloo", *train, *argv], HOROVOD_ENV)]
+        commands = [([*HOROVODRUN_2, *train, *argv], HOROVOD_ENV)]
     else:
         commands = [([*train, "--engine=tf_distribute", "--cpu_devices=2", *argv], {})]
     children = []

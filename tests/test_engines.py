@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,16 +20,16 @@ from absl import flags
 from checkpoint_files import checkpoint_values
 from engine_runs import (
     ACROSS_BACKENDS,
+    HOROVOD_ENV,
+    HOROVODRUN_2,
     PLAIN,
     REPO,
     SYNTHETIC,
-    TIMEOUT,
     TINY,
     TOLERANCE,
     array_checkpoint,
     array_entries,
     assert_close,
-    environment,
     run,
     run_jax_processes,
     trainable_weights,
@@ -195,31 +194,42 @@ def initial_weights(path: Path, argv: list[str]) -> Path:
 
 @pytest.mark.slow
 def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_path):
-    common = [*TINY, *SYNTHETIC, *PLAIN, "--train_steps=3", "--checkpoint_every_steps=0"]
+    # Runs of 3 updates resumed to 5 must follow the uninterrupted 5-update reference: a
+    # constant rate (multistep, no steps) and, with --deterministic, the same input for every
+    # epoch however the run was cut (without it, a resumed run rebuilds its input at the
+    # next epoch with the seed offset by the epoch: another synthetic batch).
+    exact = ["--lr_schedule=multistep", "--deterministic"]
+    common = [*TINY, *SYNTHETIC, *PLAIN, *exact, "--train_steps=3", "--checkpoint_every_steps=0"]
     init = initial_weights(tmp_path / "init.weights.h5", common)
     common.append(f"--init_weights={init}")
     horovod, mirrored, jax = tmp_path / "horovod", tmp_path / "mirrored", tmp_path / "jax"
-    run(*common, f"--model_dir={horovod}")
+    # The reference: Horovod's one worker, 5 updates uninterrupted, every one checkpointed.
+    reference_run = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=1", common[-1]]
+    run(*reference_run, f"--model_dir={horovod}")
     proc = run(*common, "--engine=tf_distribute", "--cpu_devices=2", f"--model_dir={mirrored}")
     assert "engine tf_distribute: 1 process(es), 2 replica(s)" in proc.stdout
     assert json.loads((mirrored / "plan.json").read_text())["replicas"] == 2
     proc = run(*common, "--engine=jax", "--cpu_devices=2", f"--model_dir={jax}")
     assert "engine jax: 1 process(es), 2 replica(s)" in proc.stdout
 
-    reference = checkpoint_values(horovod)
-    assert_close(checkpoint_values(mirrored), reference, **TOLERANCE)
-    # JAX: the model's variables come first in its archive; without batch norm and dropout
-    # they are the trainable weights. XLA's CPU kernels round otherwise than TensorFlow's.
-    expected = trainable_weights(reference)
-    actual = [value for _, value in array_entries(jax)[1 : len(expected) + 1]]
-    assert len(expected) == 16 and [a.shape for a in actual] == [e.shape for e in expected]
-    for a, e in zip(actual, expected, strict=True):
-        np.testing.assert_allclose(a, e, **ACROSS_BACKENDS)
+    def assert_all_close(step: int) -> None:
+        reference = checkpoint_values(horovod, step=step)
+        assert_close(checkpoint_values(mirrored), reference, **TOLERANCE)
+        # JAX: the model's variables come first in its archive; without batch norm and
+        # dropout they are the trainable weights. XLA's CPU kernels round otherwise than
+        # TensorFlow's.
+        expected = trainable_weights(reference)
+        actual = [value for _, value in array_entries(jax)[1 : len(expected) + 1]]
+        assert len(expected) == 16 and [a.shape for a in actual] == [e.shape for e in expected]
+        for a, e in zip(actual, expected, strict=True):
+            np.testing.assert_allclose(a, e, err_msg=f"update {step}", **ACROSS_BACKENDS)
 
+    assert_all_close(step=3)
     # Each continues on one device (another replica count), to update 5, printing the
-    # progress lines of a batch job (stdout is a pipe here) as Horovod's runs do.
+    # progress lines of a batch job (stdout is a pipe here) as Horovod's runs do, and ends
+    # where the uninterrupted reference did.
     for engine, model_dir in (("tf_distribute", mirrored), ("jax", jax)):
-        longer = [*common[:-2], "--train_steps=5", "--checkpoint_every_steps=0"]
+        longer = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=0"]
         proc = run(
             *longer, "--progress_every_steps=1", f"--engine={engine}", f"--model_dir={model_dir}"
         )
@@ -227,6 +237,7 @@ def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_pat
         assert json.loads((model_dir / "results.json").read_text())["step"] == 5
         updates = re.findall(r"^update (\d+)/5 \(epoch [\d.]+\) loss ", proc.stdout, re.M)
         assert updates == ["4", "5"], (engine, proc.stdout[-2000:])
+    assert_all_close(step=5)
 
 
 @pytest.mark.slow
@@ -255,52 +266,64 @@ def test_jax_two_devices_and_accumulation_equal_one_device(tmp_path, jpeg_folder
     assert_close(stored, array_checkpoint(whole), extra="_gradient_accumulator", **TOLERANCE)
 
 
-HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
-HOROVODRUN_2 = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"]
-
-
 @pytest.mark.slow
 @pytest.mark.horovod
-def test_jax_two_processes_equal_two_horovod_workers(tmp_path, jpeg_folder):
+def test_two_processes_equal_one_and_resume_on_one_under_horovod_and_jax(tmp_path, jpeg_folder):
     # Each process reads its own shard (auto_shard_dataset=False), as each Horovod worker
     # does. At global batch 16 every update is the whole training split (a worker's batch is
     # its whole shard; the order inside a shard depends on its seed, which the engines set
-    # differently), so the updates agree. Had the processes not communicated, each would
-    # have trained on its own 8 images and ended elsewhere.
+    # differently), so two processes at B/2 must give one process's weights at B. Had the
+    # processes not communicated, each would have trained on its own 8 images and ended
+    # elsewhere. One update is one epoch here, so every update is checkpointed.
     common = [*TINY, *PLAIN, *jpeg_folder, "--global_batch_size=16", "--num_classes=10"]
-    common.append("--train_steps=3")
     common.append("--checkpoint_every_steps=0")
+    # A constant rate (multistep, no steps): a 3-update run resumed to 5 then follows the
+    # schedule of a 5-update run, which poly's decay to the last update would not.
+    common.append("--lr_schedule=multistep")
     init = initial_weights(tmp_path / "init.weights.h5", common)
-    common.append(f"--init_weights={init}")
-    horovod, jax = tmp_path / "horovod", tmp_path / "jax"
-    proc = subprocess.run(
-        [*HOROVODRUN_2, sys.executable, str(REPO / "train.py"), *common, f"--model_dir={horovod}"],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rank0, rank1 = run_jax_processes(*common, f"--model_dir={jax}")
+    first = [*common, f"--init_weights={init}", "--train_steps=3"]
+    longer = [*common, "--train_steps=5"]  # a resume: the weights come from the checkpoint
+    horovod2, horovod1 = tmp_path / "horovod2", tmp_path / "horovod1"
+    jax2, jax1 = tmp_path / "jax2", tmp_path / "jax1"
+
+    # The references: one process, 5 updates uninterrupted.
+    run(*first[:-1], "--train_steps=5", f"--model_dir={horovod1}")
+    run(*first[:-1], "--train_steps=5", "--engine=jax", f"--model_dir={jax1}")
+
+    proc = run(*first, f"--model_dir={horovod2}", launcher=HOROVODRUN_2, **HOROVOD_ENV)
+    assert "2 worker(s) x 8" in proc.stdout, proc.stdout[-2000:]
+    assert_close(checkpoint_values(horovod2), checkpoint_values(horovod1, step=3), **TOLERANCE)
+    rank0, rank1 = run_jax_processes(*first, f"--model_dir={jax2}")
     assert "engine jax: 2 process(es), 2 replica(s)" in rank0.stdout
     assert "identical on all 2 workers" in rank0.stdout
     assert "Evaluation at step 3" in rank0.stdout and "Evaluation" not in rank1.stdout
     # Both evaluated their shard of the 4 validation images; process 0 wrote the sums.
-    assert json.loads((jax / "results.json").read_text())["examples"] == 4
-    expected = trainable_weights(checkpoint_values(horovod))
-    actual = [value for _, value in array_entries(jax)[1 : len(expected) + 1]]
+    assert json.loads((jax2 / "results.json").read_text())["examples"] == 4
+    assert_close(array_checkpoint(jax2), array_checkpoint(jax1, step=3), **TOLERANCE)
+    # And the two backends agree (XLA's CPU kernels round otherwise than TensorFlow's).
+    expected = trainable_weights(checkpoint_values(horovod2))
+    actual = [value for _, value in array_entries(jax2)[1 : len(expected) + 1]]
     assert len(expected) == 16 and [a.shape for a in actual] == [e.shape for e in expected]
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(a, e, **ACROSS_BACKENDS)
+
+    # Resumed on one process (another worker count), each ends where the uninterrupted
+    # one-process run did.
+    proc = run(*longer, f"--model_dir={horovod2}")
+    assert f"Resuming from {horovod2}/checkpoints/ckpt-3" in proc.stdout
+    assert_close(checkpoint_values(horovod2), checkpoint_values(horovod1), **TOLERANCE)
+    proc = run(*longer, "--engine=jax", f"--model_dir={jax2}")
+    assert f"Resuming from {jax2}/checkpoints/ckpt-3" in proc.stdout
+    assert "engine jax: 1 process(es), 1 replica(s)" in proc.stdout
+    assert_close(array_checkpoint(jax2), array_checkpoint(jax1), **TOLERANCE)
 
     # A checkpoint rank 0 cannot read stops both processes, each saying why. (Two processes
     # resume a run exactly, after kill -9 and after a SIGTERM, logging the per-layer
     # statistics on rank 0: tests/test_engine_faults.py; on another device count:
     # test_the_three_engines_end_alike_...)
-    index = json.loads((jax / "checkpoints" / "checkpoint.json").read_text())["checkpoints"]
-    (jax / "checkpoints" / index[-1]).write_bytes(b"damaged")
-    again = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=0"]
-    failed = run_jax_processes(*again, f"--model_dir={jax}", check=False)
+    index = json.loads((jax2 / "checkpoints" / "checkpoint.json").read_text())["checkpoints"]
+    (jax2 / "checkpoints" / index[-1]).write_bytes(b"damaged")
+    failed = run_jax_processes(*common, "--train_steps=7", f"--model_dir={jax2}", check=False)
     assert [p.returncode for p in failed] == [1, 1]
     assert "rank 0 failed to restore the latest checkpoint" in failed[1].stderr
     assert "cannot be read: its file is damaged" in failed[0].stderr + failed[1].stderr
