@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from lars_tf import keras_internals
 from lars_tf.engines.base import Engine
 from lars_tf.guard import RunGuard
 
@@ -94,8 +95,7 @@ class Checkpointer:
         # Images, not batches: the data position survives a change of the worker count.
         self._images = tf.Variable(0, dtype=tf.int64, trainable=False, name="images_seen")
         state = dict(model=model, optimizer=optimizer, images_seen=self._images)
-        weights = {id(v) for v in model.weights}
-        random_state = [v for v in model.variables if id(v) not in weights]
+        random_state = keras_internals.random_states(model)
         if random_state:
             state["random_state"] = random_state
         self._checkpoint = tf.train.Checkpoint(**state)

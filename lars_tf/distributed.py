@@ -432,8 +432,7 @@ def broadcast_seed_draws(model: keras.Model, root_rank: int = 0) -> None:
     rank 0 holds the count, and without it the others would draw their first run's masks
     again. A fresh run is unchanged: every count is 0.
     """
-    weights = {id(v) for v in model.weights}
-    states = [v for v in model.variables if id(v) not in weights]
+    states = keras_internals.random_states(model)
     if not states or size() == 1:
         return
     for variable in states:

@@ -238,6 +238,14 @@ def build_for_fit(model: keras.Model, element_spec: Any) -> None:
     model._symbolic_build(data_batch=batch)
 
 
+def random_states(model: keras.Model) -> list:
+    """The model's variables that are not weights: the states of its layers'
+    `keras.random.SeedGenerator`s (dropout's), which Keras tracks in `model.variables` but not
+    in `model.weights` (`tests/test_keras_internals.py` checks that nothing else is there)."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def with_draws_of(own_state: Any, other_state: Any) -> list:
     """A `keras.random.SeedGenerator` state with `own_state`'s seed and `other_state`'s count
     of draws.
