@@ -19,6 +19,9 @@ Keras version when a release changes it. The Keras range these were tested with 
 - `build_for_fit` builds a compiled model's metrics and loss from the input's spec, so that
   `fit` does not iterate the input once before training to learn its shapes (which draws a
   new shuffle order, and breaks an exact resume).
+- `fit_under_multi_worker_mirrored` works around the two failures of Keras 3's `fit` under
+  `MultiWorkerMirroredStrategy` (keras-team/keras#20585).
+- `random_states` and `with_draws_of` read a model's seed generators' `[seed, draws]` states.
 """
 
 from __future__ import annotations
@@ -110,6 +113,26 @@ HOOKS = (
         "every sublayer of a model, nested ones included (batch-norm recalibration)",
     ),
     Hook(
+        "tf_trainer",
+        "_maybe_symbolic_build",
+        ("iterator", "data_batch"),
+        "under MultiWorkerMirroredStrategy it reduces a PerReplica batch and fails: replaced "
+        "on the model, which is built from the input's spec instead",
+    ),
+    Hook(
+        "tf_trainer_module",
+        "reduce_per_replica",
+        ("values", "strategy", "reduction"),
+        "under MultiWorkerMirroredStrategy it reduces the step's scalar logs along axis 0 and "
+        "fails: wrapped to reduce scalars along no axis",
+    ),
+    Hook(
+        "tf_trainer_module",
+        "_collective_all_reduce_multi_worker",
+        ("strategy",),
+        "tells reduce_per_replica's failing multi-worker case from the others",
+    ),
+    Hook(
         "model",
         "_symbolic_build",
         ("iterator", "data_batch"),
@@ -119,9 +142,9 @@ HOOKS = (
 )
 
 
-def owner_class(owner: str) -> type | None:
-    """The Keras class `owner` names (see `Hook.owner`); None for "tf_optimizer" on other
-    backends."""
+def owner_class(owner: str) -> Any:
+    """The Keras class `owner` names (see `Hook.owner`), or for "tf_trainer_module" the
+    TensorFlow backend's trainer module; None for the TensorFlow backend's on other backends."""
     if owner == "optimizer":
         return keras.optimizers.Optimizer
     if owner == "loss_scale_optimizer":
@@ -130,12 +153,16 @@ def owner_class(owner: str) -> type | None:
         return keras.layers.Layer
     if owner == "model":
         return keras.Model
-    if owner == "tf_optimizer":
+    if owner in ("tf_optimizer", "tf_trainer", "tf_trainer_module"):
         if keras.backend.backend() != "tensorflow":
             return None
-        from keras.src.backend.tensorflow.optimizer import TFOptimizer
+        from keras.src.backend.tensorflow import optimizer, trainer
 
-        return TFOptimizer
+        return {
+            "tf_optimizer": optimizer.TFOptimizer,
+            "tf_trainer": trainer.TensorFlowTrainer,
+            "tf_trainer_module": trainer,
+        }[owner]
     raise ValueError(f"unknown hook owner {owner!r}")
 
 
@@ -232,10 +259,59 @@ def build_for_fit(model: keras.Model, element_spec: Any) -> None:
     """
     if keras.backend.backend() == "tensorflow":
         return
-    batch = keras.tree.map_structure(
+    model._symbolic_build(data_batch=_symbolic(element_spec))
+
+
+def fit_under_multi_worker_mirrored(model: keras.Model, element_spec: Any) -> None:
+    """Let Keras 3's `fit` train `model` under `MultiWorkerMirroredStrategy` (TensorFlow).
+
+    Keras' `fit` fails there with Keras' own SGD too (keras-team/keras#20585), twice:
+
+    1. `TensorFlowTrainer._maybe_symbolic_build` reads the first distributed batch and
+       reduces it with `strategy.reduce("MEAN", batch, axis=None)` to learn its shapes,
+       which the collective strategy cannot do ("Attempt to convert a value (PerReplica").
+       Here the model, its loss and metrics are built from `element_spec` (the dataset's
+       `(images, labels)` spec) instead, and that method is made a no-op on this model.
+    2. `reduce_per_replica` reduces the step's logs, scalars, with
+       `strategy.reduce("MEAN", v, axis=0)` under a multi-worker strategy ("Invalid
+       reduction dimension 0 for input with 0 dimensions"). The module's function is
+       wrapped, once, to reduce scalars along no axis there (their mean over the replicas,
+       as Keras means); every other case goes to Keras' own.
+
+    Call it after `compile`, before `fit`; `tests/test_strategies.py` checks that the result
+    equals one device's and that without it Keras still fails.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    with model.distribute_strategy.scope():
+        model._symbolic_build(data_batch=_symbolic(element_spec))
+    object.__setattr__(model, "_maybe_symbolic_build", lambda iterator=None, data_batch=None: None)
+    if getattr(trainer.reduce_per_replica, "_lars_tf_wrapped", False):
+        return
+    keras_reduce = trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+            return keras_reduce(values, strategy, reduction)
+
+        def reduce(value):
+            local = getattr(value, "values", (value,))[0]  # a PerReplica's first, or a Tensor
+            if len(local.shape) == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return keras_reduce(value, strategy, reduction)
+
+        return keras.tree.map_structure(reduce, values)
+
+    reduce_per_replica._lars_tf_wrapped = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
+def _symbolic(element_spec: Any) -> Any:
+    return keras.tree.map_structure(
         lambda spec: keras.KerasTensor(tuple(spec.shape), spec.dtype.name), element_spec
     )
-    model._symbolic_build(data_batch=batch)
 
 
 def random_states(model: keras.Model) -> list:

@@ -8,10 +8,12 @@ the two; with batch norm each replica normalises with the statistics of its own 
 which is a different model (see `test_batch_norm_differs_by_the_per_replica_statistics`).
 
 Keras 3 `fit` fails under `MultiWorkerMirroredStrategy` on TensorFlow 2.21 with Keras' own
-SGD too (keras-team/keras#20585: `_maybe_symbolic_build` reduces a `PerReplica` batch), so
-there LARS is checked in a custom loop (`strategy.run` of a step that calls
-`optimizer.apply`), and `test_keras_fit_under_multi_worker_mirrored_still_fails_upstream`
-checks that exact failure, so that it fails the day Keras fixes it.
+SGD too (keras-team/keras#20585: `_maybe_symbolic_build` reduces a `PerReplica` batch, and
+the step's scalar logs are reduced along axis 0), so there LARS is checked in a custom loop
+(`strategy.run` of a step that calls `optimizer.apply`) and in `fit` after lars_tf's
+workaround (`keras_internals.fit_under_multi_worker_mirrored`), and
+`test_keras_fit_under_multi_worker_mirrored_still_fails_upstream` checks the failure without
+it, so that it fails the day Keras fixes it.
 """
 
 from __future__ import annotations
@@ -166,9 +168,29 @@ def test_custom_loop_equals_fit_on_one_device(one_device):
     assert_same_training(one_device("default", "custom"), one_device("default"))
 
 
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_multi_worker_fit_with_the_workaround_equals_one_device(optimizer, one_device, tmp_path):
+    """`keras_internals.fit_under_multi_worker_mirrored`: Keras' `fit` then trains under
+    MultiWorkerMirroredStrategy, LARS and Keras' own SGD alike, to one device's weights."""
+    out = tmp_path / "multi_worker.npz"
+    codes, errors = run_two_workers(out, f"--optimizer={optimizer}", "--loop=fit_workaround")
+    assert codes == [0, 0], "\n".join(e[-3000:] for e in errors)
+    got = dict(np.load(out))
+    if optimizer == "lars":
+        assert_same_training(got, one_device("default"))
+        return
+    want = run_one_process("one", tmp_path / "one.npz", "--optimizer=sgd")
+    assert int(got["iterations"]) == int(want["iterations"]) == 4
+    weights = [k for k in want if k.startswith("w_")]
+    assert len(weights) == 4 and sorted(got) == sorted(want)
+    for key in weights:
+        np.testing.assert_allclose(got[key], want[key], **TOLERANCE, err_msg=key)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+
+
 def test_keras_fit_under_multi_worker_mirrored_still_fails_upstream(tmp_path):
     """Keras' own SGD, no lars_tf involved: keras-team/keras#20585 itself. The day this test
-    fails, Keras fixed it: then test LARS's `fit` under MultiWorkerMirroredStrategy too."""
+    fails, Keras fixed it: then drop `keras_internals.fit_under_multi_worker_mirrored`."""
     codes, errors = run_two_workers(tmp_path / "sgd.npz", "--optimizer=sgd")
     assert codes[0] != 0 and codes[1] != 0, "Keras fit under MultiWorkerMirrored works now"
     for error in errors:

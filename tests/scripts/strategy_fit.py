@@ -35,8 +35,9 @@ def _parse() -> argparse.Namespace:
     # Keras' `gradient_accumulation_steps`: K batches per update (with Keras' SGD only).
     parser.add_argument("--accumulation", type=int, default=None)
     # `fit`, or a custom loop (`strategy.run` of a step that calls `optimizer.apply`), the
-    # other way to train under a strategy, and the one that works under MultiWorkerMirrored.
-    parser.add_argument("--loop", default="fit", choices=["fit", "custom"])
+    # other way to train under a strategy, or `fit` after lars_tf's workaround of Keras'
+    # failures under MultiWorkerMirrored (`keras_internals.fit_under_multi_worker_mirrored`).
+    parser.add_argument("--loop", default="fit", choices=["fit", "custom", "fit_workaround"])
     return parser.parse_args()
 
 
@@ -133,7 +134,11 @@ def main() -> int:
         with strategy.scope():
             model = build_and_compile()
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
-    if args.loop == "fit":
+    if args.loop == "fit_workaround":
+        from lars_tf import keras_internals
+
+        keras_internals.fit_under_multi_worker_mirrored(model, data.element_spec)
+    if args.loop in ("fit", "fit_workaround"):
         losses = model.fit(data, epochs=1, shuffle=False, verbose=0).history["loss"]
     else:
         losses = [_custom_loop(model, data, strategy or tf.distribute.get_strategy())]
