@@ -121,7 +121,11 @@ def recalibrate(
             images = batch[0] if isinstance(batch, tuple | list) else batch
             if keras.backend.backend() != "tensorflow":
                 images = images.numpy()  # tf.data's tensor, for another backend's ops
-            values = [keras.ops.convert_to_numpy(v).astype(np.float64) for v in forward(images)]
+            if keras.backend.backend() == "jax":
+                # Under a distribution of several processes each holds a part of the global
+                # batch: the statistics are the global batch's, as in the training step.
+                images = keras_internals.distribute_batch(images)
+            values = [_local_numpy(v) for v in forward(images)]
             sums = values if sums is None else [s + v for s, v in zip(sums, values, strict=True)]
             used += 1
     finally:
@@ -133,6 +137,16 @@ def recalibrate(
         layer.moving_mean.assign(sums[2 * index] / used)
         layer.moving_variance.assign(sums[2 * index + 1] / used)
     return used
+
+
+def _local_numpy(value: Any) -> np.ndarray:
+    """A statistic as float64 NumPy. A JAX array replicated over several processes' devices is
+    read from this process's copy (the whole of it cannot be fetched from one process)."""
+    if getattr(value, "is_fully_addressable", True) is False:
+        if not value.is_fully_replicated:
+            raise ValueError(f"a batch-norm statistic sharded over processes: {value.sharding}")
+        value = value.addressable_data(0)
+    return keras.ops.convert_to_numpy(value).astype(np.float64)
 
 
 def make_forward(

@@ -21,6 +21,8 @@ Keras version when a release changes it. The Keras range these were tested with 
   new shuffle order, and breaks an exact resume).
 - `fit_under_multi_worker_mirrored` works around the two failures of Keras 3's `fit` under
   `MultiWorkerMirroredStrategy` (keras-team/keras#20585).
+- `distribute_batch` lays a process's batch out as the global array a JAX step takes, as
+  Keras' `fit` does (batch-norm re-estimation over several JAX processes).
 - `random_states` and `with_draws_of` read a model's seed generators' `[seed, draws]` states.
 """
 
@@ -133,6 +135,13 @@ HOOKS = (
         "tells reduce_per_replica's failing multi-worker case from the others",
     ),
     Hook(
+        "jax_trainer_module",
+        "_distribute_data",
+        ("data", "layouts"),
+        "a process's batch as the global array of the distribution, as fit feeds a JAX step "
+        "(batch-norm re-estimation over several processes)",
+    ),
+    Hook(
         "model",
         "_symbolic_build",
         ("iterator", "data_batch"),
@@ -143,8 +152,9 @@ HOOKS = (
 
 
 def owner_class(owner: str) -> Any:
-    """The Keras class `owner` names (see `Hook.owner`), or for "tf_trainer_module" the
-    TensorFlow backend's trainer module; None for the TensorFlow backend's on other backends."""
+    """The Keras class `owner` names (see `Hook.owner`), or for "tf_trainer_module" and
+    "jax_trainer_module" the TensorFlow or JAX backend's trainer module; None for a backend's
+    own on other backends."""
     if owner == "optimizer":
         return keras.optimizers.Optimizer
     if owner == "loss_scale_optimizer":
@@ -163,6 +173,12 @@ def owner_class(owner: str) -> Any:
             "tf_trainer": trainer.TensorFlowTrainer,
             "tf_trainer_module": trainer,
         }[owner]
+    if owner == "jax_trainer_module":
+        if keras.backend.backend() != "jax":
+            return None
+        from keras.src.backend.jax import trainer
+
+        return trainer
     raise ValueError(f"unknown hook owner {owner!r}")
 
 
@@ -306,6 +322,15 @@ def fit_under_multi_worker_mirrored(model: keras.Model, element_spec: Any) -> No
 
     reduce_per_replica._lars_tf_wrapped = True
     trainer.reduce_per_replica = reduce_per_replica
+
+
+def distribute_batch(data: Any) -> Any:
+    """JAX: this process's NumPy batch `data` as the global array that the current
+    `keras.distribution` lays out (each process contributes its rows), as Keras' `fit` feeds
+    a step; without a distribution, on the default device."""
+    from keras.src.backend.jax import trainer
+
+    return trainer._distribute_data(data)
 
 
 def _symbolic(element_spec: Any) -> Any:

@@ -329,6 +329,30 @@ def test_two_processes_equal_one_and_resume_on_one_under_horovod_and_jax(tmp_pat
     assert "cannot be read: its file is damaged" in failed[0].stderr + failed[1].stderr
 
 
+@pytest.mark.slow
+def test_jax_two_processes_train_and_reestimate_batch_norm_as_one(tmp_path, jpeg_folder):
+    # Batch norm and its re-estimation before the evaluation: DataParallel normalises over
+    # the global batch, which each process feeds its shard of (at global batch 16, the whole
+    # training split), so two processes compute what one does; the re-estimated statistics
+    # are the global batch's too.
+    common = [*TINY, "--dropout=0", *jpeg_folder, "--global_batch_size=16", "--num_classes=10"]
+    common += ["--train_steps=2", "--bn_recalibration_batches=2"]
+    init = initial_weights(tmp_path / "init.weights.h5", common)
+    common.append(f"--init_weights={init}")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, "--engine=jax", f"--model_dir={one}")
+    rank0, _ = run_jax_processes(*common, f"--model_dir={two}")
+    assert "engine jax: 2 process(es), 2 replica(s)" in rank0.stdout
+    stored, expected = array_checkpoint(two), array_checkpoint(one)
+    moving = [k for k in expected if "moving_mean" in k or "moving_variance" in k]
+    assert len(moving) >= 4, sorted(expected)
+    # Re-estimated: 2 updates at the twin's momentum 0.9 from variance 1 leave each moving
+    # variance at 0.81 + 0.19 x the batch's, never below 0.81; the deeper layers' are ~0.02.
+    assert any(expected[k].max() < 0.5 for k in moving if "moving_variance" in k)
+    assert_close(stored, expected, **TOLERANCE)
+    assert json.loads((two / "results.json").read_text())["examples"] == 4
+
+
 # --- the JAX engine's checkpoint format, on this process's backend ------------------------
 
 

@@ -19,7 +19,7 @@ from lars_tf.optimizer import LARS
 def test_hook_exists_with_its_parameters(hook):
     owner = keras_internals.owner_class(hook.owner)
     if owner is None:
-        pytest.skip(f"{hook.owner} exists on the TensorFlow backend only")
+        pytest.skip(f"{hook.owner} belongs to another backend than this one")
     where = f"{owner.__name__}.{hook.name} (Keras {keras.__version__}; lars_tf: {hook.why})"
     if hook.parameters is None:  # an attribute set on instances
         optimizer = keras.optimizers.SGD(0.1)

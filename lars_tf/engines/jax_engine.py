@@ -90,15 +90,6 @@ class JaxEngine(Engine):
                 keras.distribution.DataParallel(devices=self.devices, auto_shard_dataset=False)
             )
 
-    def check(self, *, bn_recalibration: bool, **options) -> None:
-        super().check(bn_recalibration=bn_recalibration, **options)
-        if bn_recalibration and self.processes > 1:
-            raise ValueError(
-                "--bn_recalibration_batches: batch-norm re-estimation under --engine=jax runs "
-                "in one process only (each process would feed its own batch to a global "
-                "array); run it with one process, or without re-estimation"
-            )
-
     # Collectives across processes (identities with one).
 
     def _gather(self, values: Any) -> np.ndarray:

@@ -221,3 +221,25 @@ def test_batch_norm_recalibration_averages_batch_moments_exactly():
     assert np.abs(keras.ops.convert_to_numpy(model.get_layer("bn2").moving_mean)).max() > 0
     after = [keras.ops.convert_to_numpy(v) for v in model.variables if "seed" in v.path]
     assert seeds and all((a == b).all() for a, b in zip(after, seeds, strict=True))
+
+
+def test_this_backends_keras_hooks_exist_with_their_parameters():
+    """The private members lars_tf relies on in this backend's own modules (JAX's trainer's
+    `_distribute_data`): tests/test_keras_internals.py runs under TensorFlow, where they skip."""
+    import inspect
+
+    from lars_tf import keras_internals
+
+    checked = []
+    for hook in keras_internals.HOOKS:
+        owner = keras_internals.owner_class(hook.owner)
+        if owner is None or hook.parameters is None:
+            continue
+        member = inspect.getattr_static(owner, hook.name, None)
+        assert member is not None, f"{hook.owner}.{hook.name} is gone (lars_tf: {hook.why})"
+        parameters = tuple(inspect.signature(member).parameters)
+        parameters = parameters if inspect.ismodule(owner) else parameters[1:]
+        assert parameters == hook.parameters, (hook, parameters)
+        checked.append(hook.owner)
+    if keras.backend.backend() == "jax":
+        assert "jax_trainer_module" in checked
