@@ -286,22 +286,27 @@ def fit_under_multi_worker_mirrored(model: keras.Model, element_spec: Any) -> No
     1. `TensorFlowTrainer._maybe_symbolic_build` reads the first distributed batch and
        reduces it with `strategy.reduce("MEAN", batch, axis=None)` to learn its shapes,
        which the collective strategy cannot do ("Attempt to convert a value (PerReplica").
-       Here the model, its loss and metrics are built from `element_spec` (the dataset's
-       `(images, labels)` spec) instead, and that method is made a no-op on this model.
+       Here the model, its loss, metrics and optimizer are built from `element_spec` (the
+       dataset's `(images, labels)` spec) instead, now and whenever `fit` would have built.
     2. `reduce_per_replica` reduces the step's logs, scalars, with
        `strategy.reduce("MEAN", v, axis=0)` under a multi-worker strategy ("Invalid
        reduction dimension 0 for input with 0 dimensions"). The module's function is
-       wrapped, once, to reduce scalars along no axis there (their mean over the replicas,
-       as Keras means); every other case goes to Keras' own.
+       wrapped, once and for the whole process, to reduce there along no axis (the
+       element-wise mean over the replicas, as Keras means on one worker); every other
+       strategy and reduction goes to Keras' own.
 
     Call it after `compile`, before `fit`; `tests/test_strategies.py` checks that the result
     equals one device's and that without it Keras still fails.
     """
     from keras.src.backend.tensorflow import trainer
 
-    with model.distribute_strategy.scope():
-        model._symbolic_build(data_batch=_symbolic(element_spec))
-    object.__setattr__(model, "_maybe_symbolic_build", lambda iterator=None, data_batch=None: None)
+    def build(iterator=None, data_batch=None):
+        # What is unbuilt (after a new `compile`, say) is built from the spec, not a batch.
+        with model.distribute_strategy.scope():
+            model._symbolic_build(data_batch=_symbolic(element_spec))
+
+    build()
+    object.__setattr__(model, "_maybe_symbolic_build", build)
     if getattr(trainer.reduce_per_replica, "_lars_tf_wrapped", False):
         return
     keras_reduce = trainer.reduce_per_replica
@@ -311,14 +316,9 @@ def fit_under_multi_worker_mirrored(model: keras.Model, element_spec: Any) -> No
             strategy
         ):
             return keras_reduce(values, strategy, reduction)
-
-        def reduce(value):
-            local = getattr(value, "values", (value,))[0]  # a PerReplica's first, or a Tensor
-            if len(local.shape) == 0:
-                return strategy.reduce("MEAN", value, axis=None)
-            return keras_reduce(value, strategy, reduction)
-
-        return keras.tree.map_structure(reduce, values)
+        # The element-wise mean over every replica of every worker, of a metric's value of
+        # any shape: what one worker's `tf.reduce_mean(local_results, axis=0)` gives.
+        return keras.tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
 
     reduce_per_replica._lars_tf_wrapped = True
     trainer.reduce_per_replica = reduce_per_replica

@@ -113,6 +113,14 @@ def assert_close(actual: dict, expected: dict, extra: str = "", **tolerance) -> 
     assert compared > 4  # the weights were really compared
 
 
+def assert_same_progress(actual: dict, expected: dict) -> None:
+    """The update counter and the images consumed, exactly (`assert_close` compares floats)."""
+    names = [n for n in expected if "iteration" in n or "images_seen" in n]
+    assert len(names) >= 2, sorted(expected)
+    for name in names:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

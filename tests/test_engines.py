@@ -30,6 +30,7 @@ from engine_runs import (
     array_checkpoint,
     array_entries,
     assert_close,
+    assert_same_progress,
     run,
     run_jax_processes,
     trainable_weights,
@@ -195,10 +196,13 @@ def initial_weights(path: Path, argv: list[str]) -> Path:
 @pytest.mark.slow
 def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_path):
     # Runs of 3 updates resumed to 5 must follow the uninterrupted 5-update reference: a
-    # constant rate (multistep, no steps) and, with --deterministic, the same input for every
-    # epoch however the run was cut (without it, a resumed run rebuilds its input at the
-    # next epoch with the seed offset by the epoch: another synthetic batch).
-    exact = ["--lr_schedule=multistep", "--deterministic"]
+    # multistep rate (poly decays to the last update, which the resume moves) and, with
+    # --deterministic, the same input for every epoch however the run was cut (without it, a
+    # resumed run rebuilds its input at the next epoch with the seed offset by the epoch:
+    # another synthetic batch).
+    # The rate drops x0.1 at epoch 1 (update 5, 4 updates per epoch): an update counter off
+    # by one after the resume would show in the weights.
+    exact = ["--lr_schedule=multistep", "--lr_decay_epochs=1", "--deterministic"]
     common = [*TINY, *SYNTHETIC, *PLAIN, *exact, "--train_steps=3", "--checkpoint_every_steps=0"]
     init = initial_weights(tmp_path / "init.weights.h5", common)
     common.append(f"--init_weights={init}")
@@ -215,6 +219,7 @@ def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_pat
     def assert_all_close(step: int) -> None:
         reference = checkpoint_values(horovod, step=step)
         assert_close(checkpoint_values(mirrored), reference, **TOLERANCE)
+        assert_same_progress(checkpoint_values(mirrored), reference)
         # JAX: the model's variables come first in its archive; without batch norm and
         # dropout they are the trainable weights. XLA's CPU kernels round otherwise than
         # TensorFlow's.
@@ -277,9 +282,10 @@ def test_two_processes_equal_one_and_resume_on_one_under_horovod_and_jax(tmp_pat
     # elsewhere. One update is one epoch here, so every update is checkpointed.
     common = [*TINY, *PLAIN, *jpeg_folder, "--global_batch_size=16", "--num_classes=10"]
     common.append("--checkpoint_every_steps=0")
-    # A constant rate (multistep, no steps): a 3-update run resumed to 5 then follows the
-    # schedule of a 5-update run, which poly's decay to the last update would not.
-    common.append("--lr_schedule=multistep")
+    # Multistep, x0.1 from epoch 4 (update 5): a 3-update run resumed to 5 then follows the
+    # schedule of a 5-update run (poly's decay to the last update would not), and an update
+    # counter off by one would show in the weights.
+    common += ["--lr_schedule=multistep", "--lr_decay_epochs=4"]
     init = initial_weights(tmp_path / "init.weights.h5", common)
     first = [*common, f"--init_weights={init}", "--train_steps=3"]
     longer = [*common, "--train_steps=5"]  # a resume: the weights come from the checkpoint
@@ -312,10 +318,12 @@ def test_two_processes_equal_one_and_resume_on_one_under_horovod_and_jax(tmp_pat
     proc = run(*longer, f"--model_dir={horovod2}")
     assert f"Resuming from {horovod2}/checkpoints/ckpt-3" in proc.stdout
     assert_close(checkpoint_values(horovod2), checkpoint_values(horovod1), **TOLERANCE)
+    assert_same_progress(checkpoint_values(horovod2), checkpoint_values(horovod1))
     proc = run(*longer, "--engine=jax", f"--model_dir={jax2}")
     assert f"Resuming from {jax2}/checkpoints/ckpt-3" in proc.stdout
     assert "engine jax: 1 process(es), 1 replica(s)" in proc.stdout
     assert_close(array_checkpoint(jax2), array_checkpoint(jax1), **TOLERANCE)
+    assert_same_progress(array_checkpoint(jax2), array_checkpoint(jax1))
 
     # A checkpoint rank 0 cannot read stops both processes, each saying why. (Two processes
     # resume a run exactly, after kill -9 and after a SIGTERM, logging the per-layer

@@ -142,6 +142,10 @@ def assert_same_training(got: dict, want: dict, tolerance: dict | None = TOLERAN
         np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-7, err_msg=key)
         assert np.all(got[key] > 0), key
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5 if tolerance else 1e-3)
+    # The logs of every step (the running mean of the loss), as reduced over the replicas.
+    np.testing.assert_allclose(
+        got["batch_losses"], want["batch_losses"], rtol=1e-5 if tolerance else 1e-3
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -186,6 +190,8 @@ def test_multi_worker_fit_with_the_workaround_equals_one_device(optimizer, one_d
     for key in weights:
         np.testing.assert_allclose(got[key], want[key], **TOLERANCE, err_msg=key)
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    assert len(want["batch_losses"]) == 4
+    np.testing.assert_allclose(got["batch_losses"], want["batch_losses"], rtol=1e-5)
 
 
 def test_keras_fit_under_multi_worker_mirrored_still_fails_upstream(tmp_path):

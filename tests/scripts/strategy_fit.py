@@ -54,8 +54,9 @@ def _strategy(mode: str) -> tf.distribute.Strategy | None:
     return None
 
 
-def _custom_loop(model, data, strategy) -> float:
-    """One epoch of `strategy.run(step)`; returns the mean loss, as `fit` reports it."""
+def _custom_loop(model, data, strategy) -> list[float]:
+    """One epoch of `strategy.run(step)`; returns the running mean of the batches' losses
+    after each batch, as `fit` logs it (its last is the epoch's loss)."""
     import keras
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
@@ -77,7 +78,7 @@ def _custom_loop(model, data, strategy) -> float:
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     losses = [float(step(batch)) for batch in strategy.experimental_distribute_dataset(data)]
-    return sum(losses) / len(losses)
+    return [sum(losses[: i + 1]) / (i + 1) for i in range(len(losses))]
 
 
 def main() -> int:
@@ -138,10 +139,16 @@ def main() -> int:
         from lars_tf import keras_internals
 
         keras_internals.fit_under_multi_worker_mirrored(model, data.element_spec)
+    batch_losses = []  # the step's logs, as reduced over the replicas (reduce_per_replica)
     if args.loop in ("fit", "fit_workaround"):
-        losses = model.fit(data, epochs=1, shuffle=False, verbose=0).history["loss"]
+        record = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: batch_losses.append(float(logs["loss"]))
+        )
+        fit = model.fit(data, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+        losses = fit.history["loss"]
     else:
-        losses = [_custom_loop(model, data, strategy or tf.distribute.get_strategy())]
+        batch_losses = _custom_loop(model, data, strategy or tf.distribute.get_strategy())
+        losses = batch_losses[-1:]
 
     chief = True
     if args.mode == "multi_worker":
@@ -152,6 +159,7 @@ def main() -> int:
             optimizer = optimizer.inner_optimizer
         arrays = {f"w_{v.path}": np.asarray(v.numpy()) for v in model.weights}
         arrays["loss"] = np.asarray(losses)
+        arrays["batch_losses"] = np.asarray(batch_losses)
         arrays["iterations"] = np.asarray(int(optimizer.iterations.numpy()))
         if args.optimizer == "lars":
             # Updates compiled on their own with XLA (none under a strategy: see LARS's doc).
