@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from lars_tf import batchnorm, callbacks, keras_internals, progress
+from lars_tf import batchnorm, callbacks, progress
 from lars_tf.checkpoint import CHECKPOINT_SUBDIR, CheckpointCallback
 from lars_tf.engines.base import Engine
 from lars_tf.evaluation import EvaluationCallback, evaluate, result_line
@@ -96,6 +96,7 @@ def fit(
     callbacks: Sequence[keras.callbacks.Callback],
     verbose: int | str = "auto",
     exact_resume: bool = False,
+    engine: Engine | None = None,
 ) -> list[keras.callbacks.History]:
     """Train from `guard.batches_seen` to `guard.total_batches` with `model.fit`.
 
@@ -115,20 +116,22 @@ def fit(
             are read and decoded again, once, on resume). With a deterministic pipeline and
             deterministic ops, a resumed run then ends with the weights of an uninterrupted
             one.
+        engine: Gives each dataset to `fit` (`Engine.fit_input`); default one process.
 
     Returns:
         The `History` of each `fit` call, in order.
     """
+    engine = engine or Engine()
     histories = []
     segments = plan_segments(
         guard.batches_seen, guard.total_batches, batches_per_epoch, one_per_epoch=exact_resume
     )
     for segment in segments:
         dataset = dataset_for_epoch(segment.data_epoch)
-        keras_internals.build_for_fit(model, dataset.element_spec)
         consumed = batches_per_epoch - segment.steps_per_epoch
         if exact_resume and consumed:
             dataset = dataset.skip(consumed)
+        dataset = engine.fit_input(model, dataset)
         history = model.fit(
             dataset,
             initial_epoch=segment.initial_epoch,
@@ -470,6 +473,7 @@ class Trainer:
                 callbacks=run_callbacks,
                 verbose=(1 if self.options.terminal else 2) if self.engine.is_rank0() else 0,
                 exact_resume=self.options.exact_resume,
+                engine=self.engine,
             )
         finally:
             guard.restore_signal_handler()

@@ -140,19 +140,30 @@ def jax_job(processes: int) -> list[dict[str, str]]:
     ]
 
 
-def run_jax_processes(
-    *argv: str, processes: int = 2, check: bool = True
+def tf_config_job(workers: int) -> list[dict[str, str]]:
+    """The environment of each of `workers` MultiWorkerMirroredStrategy workers on localhost."""
+    cluster = {"worker": [f"localhost:{free_port()}" for _ in range(workers)]}
+    return [
+        {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}})}
+        for rank in range(workers)
+    ]
+
+
+def run_processes(
+    *argv: str, engine: str = "jax", processes: int = 2, check: bool = True
 ) -> list[subprocess.CompletedProcess]:
-    """`train.py --engine=jax` as `processes` processes of one job on localhost."""
+    """`train.py --engine=ENGINE` as `processes` processes of one job on localhost: a JAX job
+    (`jax_job`) or a tf.distribute cluster (`tf_config_job`)."""
+    jobs = jax_job(processes) if engine == "jax" else tf_config_job(processes)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), "--engine=jax", *argv],
+            [sys.executable, str(REPO / "train.py"), f"--engine={engine}", *argv],
             env=environment(**job),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for job in jax_job(processes)
+        for job in jobs
     ]
     done = []
     for proc in procs:
@@ -168,3 +179,10 @@ def run_jax_processes(
             f"rank {rank}:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
         )
     return done
+
+
+def run_jax_processes(
+    *argv: str, processes: int = 2, check: bool = True
+) -> list[subprocess.CompletedProcess]:
+    """`train.py --engine=jax` as `processes` processes of one job on localhost."""
+    return run_processes(*argv, engine="jax", processes=processes, check=check)

@@ -1,8 +1,8 @@
 """Faults under each engine's two replicas: kill -9, SIGTERM and a NaN, in one job's life.
 
 Two replicas of one run, as each engine spreads a job: two processes under `horovodrun`, two
-devices of one process under `tf_distribute` (its multi-worker strategy is refused:
-keras-team/keras#20585), two processes of one job under `jax`. (More of Horovod's, a rank
+devices of one process and two workers of a `MultiWorkerMirroredStrategy` (`TF_CONFIG`) under
+`tf_distribute`, two processes of one job under `jax`. (More of Horovod's, a rank
 killed and resumed on other worker counts among them: tests/test_reliability.py.) Every run
 is a real `train.py` process; every fault a real signal.
 
@@ -40,21 +40,30 @@ from engine_runs import (
     jax_job,
     run,
     run_jax_processes,
+    run_processes,
+    tf_config_job,
 )
 from jpeg_fixtures import jpeg_bytes
 
 LAUNCHES = [
     pytest.param("horovod_processes", marks=pytest.mark.horovod),
     "tf_distribute",
+    "tf_distribute_workers",
     "jax_processes",
 ]
 CHECKPOINT_SUFFIX = {
     "horovod_processes": ".index",
     "tf_distribute": ".index",
+    "tf_distribute_workers": ".index",
     "jax_processes": ".npz",
 }
 # The train.py processes of a job: every one must exit with the job's status.
-PROCESSES = {"horovod_processes": 2, "tf_distribute": 1, "jax_processes": 2}
+PROCESSES = {
+    "horovod_processes": 2,
+    "tf_distribute": 1,
+    "tf_distribute_workers": 2,
+    "jax_processes": 2,
+}
 
 
 def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
@@ -64,6 +73,8 @@ def run_launch(launch: str, argv: list[str], check: bool = True) -> list:
         return run_jax_processes(*argv, check=check)
     if launch == "horovod_processes":
         return [run(*argv, check=check, launcher=HOROVODRUN_2, **HOROVOD_ENV)]
+    if launch == "tf_distribute_workers":
+        return run_processes(*argv, engine="tf_distribute", check=check)
     return [run("--engine=tf_distribute", "--cpu_devices=2", *argv, check=check)]
 
 
@@ -115,6 +126,8 @@ def start_launch(launch: str, argv: list[str], log: Path) -> list[subprocess.Pop
         commands = [([*train, "--engine=jax", *argv], job) for job in jax_job(2)]
     elif launch == "horovod_processes":
         commands = [([*HOROVODRUN_2, *train, *argv], HOROVOD_ENV)]
+    elif launch == "tf_distribute_workers":
+        commands = [([*train, "--engine=tf_distribute", *argv], job) for job in tf_config_job(2)]
     else:
         commands = [([*train, "--engine=tf_distribute", "--cpu_devices=2", *argv], {})]
     children = []

@@ -33,6 +33,7 @@ from engine_runs import (
     assert_same_progress,
     run,
     run_jax_processes,
+    run_processes,
     trainable_weights,
 )
 from jpeg_fixtures import jpeg_bytes
@@ -99,9 +100,7 @@ JAX_2 = {
         ("jax", {**JAX_2, "KERAS_DISTRIBUTION_NUM_PROCESSES": "two"}, 0, "is not a process count"),
         ("jax", JAX_2, 3, "--num_workers=3 but this --engine=jax launch has 2"),
         ("jax", {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "a:1,b:1"}, 0, "names several processes"),
-        # keras-team/keras#20585: fit under MultiWorkerMirroredStrategy fails with Keras' own
-        # SGD (tests/test_strategies.py asserts that failure); the engine refuses it.
-        ("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, 0, "keras-team/keras#20585"),
+        ("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, 3, "--num_workers=3 but this --engine=tf_"),
         ("tf_distribute", {"TF_CONFIG": "{worker"}, 0, "TF_CONFIG is not a tf.distribute"),
         (
             "tf_distribute",
@@ -134,6 +133,7 @@ def test_fitting_launches_pass_and_prepare_the_backend():
     launch.check_launch("horovod", {"TF_CONFIG": TF_CONFIG_1})
     launch.check_launch("horovod", {"TF_CONFIG": "{worker"})
     launch.check_launch("tf_distribute", {"TF_CONFIG": TF_CONFIG_1}, expected_workers=1)
+    launch.check_launch("tf_distribute", {"TF_CONFIG": TF_CONFIG_2}, expected_workers=2)
     launch.check_launch("tf_distribute", {"PMI_SIZE": "1"})  # srun of one task
     if launch.importlib.util.find_spec("jax") is not None:
         launch.check_launch("jax", {"KERAS_BACKEND": "jax"})
@@ -153,7 +153,11 @@ def test_fitting_launches_pass_and_prepare_the_backend():
     "argv, env, message",
     [
         (["--engine=jax"], {"KERAS_BACKEND": "torch"}, "KERAS_BACKEND=torch but --engine=jax"),
-        (["--engine=tf_distribute"], {"TF_CONFIG": TF_CONFIG_2}, "keras-team/keras#20585"),
+        (
+            ["--engine=tf_distribute", "--cpu_devices=2"],
+            {"TF_CONFIG": TF_CONFIG_2},
+            "--cpu_devices=2 with a TF_CONFIG of 2 workers",
+        ),
         (
             ["--engine=tf_distribute", "--cpu_devices=2", "--grad_accum_steps=2"],
             {},
@@ -335,6 +339,51 @@ def test_two_processes_equal_one_and_resume_on_one_under_horovod_and_jax(tmp_pat
     assert [p.returncode for p in failed] == [1, 1]
     assert "rank 0 failed to restore the latest checkpoint" in failed[1].stderr
     assert "cannot be read: its file is damaged" in failed[0].stderr + failed[1].stderr
+
+
+@pytest.mark.slow
+def test_two_tf_distribute_workers_equal_one_and_resume_on_other_worker_counts(
+    tmp_path, jpeg_folder
+):
+    # MultiWorkerMirroredStrategy over two processes on localhost (TF_CONFIG), each reading
+    # its own shard at B/2, against one tf_distribute process at B: the same flags and
+    # schedule as the Horovod and JAX test above (every update is the whole split, one
+    # update per epoch, each checkpointed; the rate drops x0.1 at update 5).
+    common = [*TINY, *PLAIN, *jpeg_folder, "--global_batch_size=16", "--num_classes=10"]
+    common += ["--checkpoint_every_steps=0", "--lr_schedule=multistep", "--lr_decay_epochs=4"]
+    init = initial_weights(tmp_path / "init.weights.h5", common)
+    common.append("--engine=tf_distribute")
+    workers = dict(engine="tf_distribute")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, f"--init_weights={init}", "--train_steps=5", f"--model_dir={one}")
+
+    rank0, rank1 = run_processes(
+        *common, f"--init_weights={init}", "--train_steps=3", f"--model_dir={two}", **workers
+    )
+    assert "engine tf_distribute: 2 process(es), 2 replica(s)" in rank0.stdout
+    assert "2 worker(s) x 8" in rank0.stdout and "identical on all 2 workers" in rank0.stdout
+    assert "Evaluation at step 3" in rank0.stdout and "Evaluation" not in rank1.stdout
+    # Both evaluated their shard of the 4 validation images; the chief wrote the sums.
+    assert json.loads((two / "results.json").read_text())["examples"] == 4
+    assert_close(checkpoint_values(two), checkpoint_values(one, step=3), **TOLERANCE)
+
+    # One worker continues to update 4; two workers again to 5, from the chief's restore
+    # sent to the other worker. Each ends where the uninterrupted run did.
+    proc = run(*common, "--train_steps=4", f"--model_dir={two}")
+    assert f"Resuming from {two}/checkpoints/ckpt-3" in proc.stdout
+    assert_close(checkpoint_values(two), checkpoint_values(one, step=4), **TOLERANCE)
+    rank0, _ = run_processes(*common, "--train_steps=5", f"--model_dir={two}", **workers)
+    assert f"Resuming from {two}/checkpoints/ckpt-4" in rank0.stdout
+    assert "identical on all 2 workers" in rank0.stdout
+    assert_close(checkpoint_values(two), checkpoint_values(one), **TOLERANCE)
+    assert_same_progress(checkpoint_values(two), checkpoint_values(one))
+
+    # A checkpoint the chief cannot read stops both workers, each saying why.
+    (two / "checkpoints" / "ckpt-5.index").write_bytes(b"damaged")
+    failed = run_processes(*common, "--train_steps=7", f"--model_dir={two}", **workers, check=False)
+    assert [p.returncode for p in failed] == [1, 1]
+    assert "rank 0 failed to restore the latest checkpoint" in failed[1].stderr
+    assert "cannot be read" in failed[0].stderr + failed[1].stderr
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ only it, for:
   `replicas` (the data-parallel copies the gradient is averaged over: processes x devices
   per process for the in-process engines);
 - `scope()`, under which the model and optimizer are built and compiled;
+- `fit_input`: this worker's dataset as `model.fit` must be given it;
 - `prepare_optimizer`: gradients averaged once per optimizer update;
 - `restore`, `broadcast` and `run_on_root`: rank 0's restored state on every process;
 - the cross-process collectives of the stop decision, the metrics and the evaluation:
@@ -153,6 +154,14 @@ class Engine:
                 f"--fp16_allreduce is Horovod's compression; --engine={self.name} has no "
                 "float16 all-reduce: run without it"
             )
+
+    def fit_input(self, model: Any, dataset: Any) -> Any:
+        """This worker's training `dataset` (its shard, at the per-worker micro-batch), as
+        `model.fit` must receive it; builds what `fit` would otherwise build from a batch."""
+        from lars_tf import keras_internals  # imports Keras, which launch-time code avoids
+
+        keras_internals.build_for_fit(model, dataset.element_spec)
+        return dataset
 
     def prepare_optimizer(self, optimizer: Any, compression: str | None = None) -> Any:
         """Make `optimizer` average its gradients across processes once per update."""

@@ -146,8 +146,8 @@ def check_launch(
     Raises:
         LaunchError: An unknown engine; the engine's backend is missing; `KERAS_BACKEND`
             names another backend; a launch of several processes by another engine's
-            launcher; for tf_distribute a malformed `TF_CONFIG` or one of several workers
-            (keras-team/keras#20585); for jax a `KERAS_DISTRIBUTION_*` launch that misses a
+            launcher; for tf_distribute a malformed `TF_CONFIG`, or one whose task is not
+            one of its workers; for jax a `KERAS_DISTRIBUTION_*` launch that misses a
             variable or names a process outside the job; a worker count other than
             `expected_workers`.
     """
@@ -196,14 +196,6 @@ def check_launch(
                     "with --engine=jax, or unset the KERAS_DISTRIBUTION_* variables"
                 )
             workers = max(1, tf_config_workers(environ))
-            if workers > 1:
-                raise LaunchError(
-                    f"TF_CONFIG names {workers} workers, but Keras 3's fit under "
-                    "MultiWorkerMirroredStrategy fails on TensorFlow 2.21 (keras-team/keras#20585, "
-                    "with Keras' own optimizers too): run several machines with --engine=horovod "
-                    "(horovodrun), or one machine's devices with --engine=tf_distribute and no "
-                    "TF_CONFIG"
-                )
         else:
             if _lenient_tf_config_workers(environ) > 1:
                 raise LaunchError(
