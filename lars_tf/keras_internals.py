@@ -125,8 +125,8 @@ HOOKS = (
         "tf_trainer_module",
         "reduce_per_replica",
         ("values", "strategy", "reduction"),
-        "under MultiWorkerMirroredStrategy it reduces the step's scalar logs along axis 0 and "
-        "fails: wrapped to reduce scalars along no axis",
+        "under MultiWorkerMirroredStrategy it reduces the step's logs along axis 0, which "
+        "fails on scalars: wrapped to reduce every log element-wise along no axis",
     ),
     Hook(
         "tf_trainer_module",
@@ -151,8 +151,8 @@ HOOKS = (
 )
 
 
-def owner_class(owner: str) -> Any:
-    """The Keras class `owner` names (see `Hook.owner`), or for "tf_trainer_module" and
+def hook_owner(owner: str) -> Any:
+    """What `owner` names (see `Hook.owner`): a Keras class, or for "tf_trainer_module" and
     "jax_trainer_module" the TensorFlow or JAX backend's trainer module; None for a backend's
     own on other backends."""
     if owner == "optimizer":

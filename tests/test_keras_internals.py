@@ -17,7 +17,7 @@ from lars_tf.optimizer import LARS
 
 @pytest.mark.parametrize("hook", keras_internals.HOOKS, ids=lambda h: f"{h.owner}.{h.name}")
 def test_hook_exists_with_its_parameters(hook):
-    owner = keras_internals.owner_class(hook.owner)
+    owner = keras_internals.hook_owner(hook.owner)
     if owner is None:
         pytest.skip(f"{hook.owner} belongs to another backend than this one")
     where = f"{owner.__name__}.{hook.name} (Keras {keras.__version__}; lars_tf: {hook.why})"
@@ -123,3 +123,49 @@ def test_a_models_variables_beyond_its_weights_are_seed_generator_states(name):
     assert others, "the model has dropout: seed generators expected"
     for variable in others:
         assert tuple(variable.shape) == (2,) and variable.path.endswith("seed_generator_state")
+
+
+def test_the_multi_worker_workaround_wraps_once_and_passes_other_cases_through(monkeypatch):
+    # tests/test_strategies.py runs it on two real workers; here, in one process: a second
+    # call does not wrap Keras' function again; under a multi-worker collective strategy the
+    # "auto" and "mean" reductions become element-wise means along no axis, and every other
+    # case (another strategy, another reduction) goes to Keras' own, which returns plain
+    # tensors as they are.
+    import numpy as np
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    spec = (tf.TensorSpec((4, 3), tf.float32), tf.TensorSpec((4, 2), tf.float32))
+    keras_internals.fit_under_multi_worker_mirrored(model, spec)
+    wrapped = trainer.reduce_per_replica
+    keras_internals.fit_under_multi_worker_mirrored(model, spec)
+    assert trainer.reduce_per_replica is wrapped and wrapped._lars_tf_wrapped
+
+    class Strategy:
+        def __init__(self):
+            self.calls = []
+
+        def reduce(self, op, value, axis="not given"):
+            self.calls.append((op, tuple(value.shape), axis))
+            return value
+
+    logs = {"loss": tf.constant(0.5), "per_class": tf.constant([1.0, 2.0])}
+    for multi_worker, reduction, expected_calls in (
+        (True, "auto", [("MEAN", (), None), ("MEAN", (2,), None)]),
+        (True, "mean", [("MEAN", (), None), ("MEAN", (2,), None)]),
+        # Keras' own multi-worker sum, which passes no axis.
+        (True, "sum", [("SUM", (), "not given"), ("SUM", (2,), "not given")]),
+        (False, "auto", []),
+    ):
+        is_multi_worker = lambda strategy, answer=multi_worker: answer  # noqa: E731
+        monkeypatch.setattr(trainer, "_collective_all_reduce_multi_worker", is_multi_worker)
+        strategy = Strategy()
+        reduced = wrapped(logs, strategy, reduction)
+        assert sorted(strategy.calls) == expected_calls, (multi_worker, reduction)
+        assert np.asarray(reduced["per_class"]).tolist() == [1.0, 2.0]
+    monkeypatch.undo()
+    # Built from the spec; `fit` no longer builds from a batch, and trains.
+    assert model.built and model.optimizer.built
+    model.fit(np.ones((4, 3), "float32"), np.ones((4, 2), "float32"), epochs=1, verbose=0)

@@ -232,7 +232,7 @@ def test_this_backends_keras_hooks_exist_with_their_parameters():
 
     checked = []
     for hook in keras_internals.HOOKS:
-        owner = keras_internals.owner_class(hook.owner)
+        owner = keras_internals.hook_owner(hook.owner)
         if owner is None or hook.parameters is None:
             continue
         member = inspect.getattr_static(owner, hook.name, None)
