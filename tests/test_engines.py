@@ -207,13 +207,13 @@ def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_pat
     # The rate drops x0.1 at epoch 1 (update 5, 4 updates per epoch): an update counter off
     # by one after the resume would show in the weights.
     exact = ["--lr_schedule=multistep", "--lr_decay_epochs=1", "--deterministic"]
-    common = [*TINY, *SYNTHETIC, *PLAIN, *exact, "--train_steps=3", "--checkpoint_every_steps=0"]
-    init = initial_weights(tmp_path / "init.weights.h5", common)
-    common.append(f"--init_weights={init}")
+    base = [*TINY, *SYNTHETIC, *PLAIN, *exact]
+    init = initial_weights(tmp_path / "init.weights.h5", base)
+    fresh = [*base, f"--init_weights={init}"]
+    common = [*fresh, "--train_steps=3", "--checkpoint_every_steps=0"]
     horovod, mirrored, jax = tmp_path / "horovod", tmp_path / "mirrored", tmp_path / "jax"
     # The reference: Horovod's one worker, 5 updates uninterrupted, every one checkpointed.
-    reference_run = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=1", common[-1]]
-    run(*reference_run, f"--model_dir={horovod}")
+    run(*fresh, "--train_steps=5", "--checkpoint_every_steps=1", f"--model_dir={horovod}")
     proc = run(*common, "--engine=tf_distribute", "--cpu_devices=2", f"--model_dir={mirrored}")
     assert "engine tf_distribute: 1 process(es), 2 replica(s)" in proc.stdout
     assert json.loads((mirrored / "plan.json").read_text())["replicas"] == 2
@@ -238,7 +238,8 @@ def test_the_three_engines_end_alike_and_resume_on_another_replica_count(tmp_pat
     # progress lines of a batch job (stdout is a pipe here) as Horovod's runs do, and ends
     # where the uninterrupted reference did.
     for engine, model_dir in (("tf_distribute", mirrored), ("jax", jax)):
-        longer = [*common[:-3], "--train_steps=5", "--checkpoint_every_steps=0"]
+        # A resume: the weights come from the checkpoint.
+        longer = [*base, "--train_steps=5", "--checkpoint_every_steps=0"]
         proc = run(
             *longer, "--progress_every_steps=1", f"--engine={engine}", f"--model_dir={model_dir}"
         )
@@ -291,14 +292,15 @@ def test_two_processes_equal_one_and_resume_on_one_under_horovod_and_jax(tmp_pat
     # counter off by one would show in the weights.
     common += ["--lr_schedule=multistep", "--lr_decay_epochs=4"]
     init = initial_weights(tmp_path / "init.weights.h5", common)
-    first = [*common, f"--init_weights={init}", "--train_steps=3"]
+    fresh = [*common, f"--init_weights={init}"]
+    first = [*fresh, "--train_steps=3"]
     longer = [*common, "--train_steps=5"]  # a resume: the weights come from the checkpoint
     horovod2, horovod1 = tmp_path / "horovod2", tmp_path / "horovod1"
     jax2, jax1 = tmp_path / "jax2", tmp_path / "jax1"
 
     # The references: one process, 5 updates uninterrupted.
-    run(*first[:-1], "--train_steps=5", f"--model_dir={horovod1}")
-    run(*first[:-1], "--train_steps=5", "--engine=jax", f"--model_dir={jax1}")
+    run(*fresh, "--train_steps=5", f"--model_dir={horovod1}")
+    run(*fresh, "--train_steps=5", "--engine=jax", f"--model_dir={jax1}")
 
     proc = run(*first, f"--model_dir={horovod2}", launcher=HOROVODRUN_2, **HOROVOD_ENV)
     assert "2 worker(s) x 8" in proc.stdout, proc.stdout[-2000:]
