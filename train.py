@@ -3,6 +3,8 @@
     python train.py --flagfile=flags/alexnet_bn_lars_b8k.cfg --data_dir=/data/imagenet
     horovodrun -np 8 -H host1:4,host2:4 python train.py --flagfile=... --model_dir=...
     python train.py --engine=tf_distribute ...    # MirroredStrategy over this machine's GPUs
+    TF_CONFIG='{"cluster": {"worker": ["h0:2222", "h1:2222"]}, "task": {"type": "worker",
+        "index": 0}}' python train.py --engine=tf_distribute ...   # one worker of several
     python train.py --engine=jax ...              # Keras on JAX, DataParallel over its devices
     KERAS_DISTRIBUTION_NUM_PROCESSES=2 ... python train.py --engine=jax   # several processes
 

@@ -70,7 +70,7 @@ class Checkpointer:
     caller broadcasts the state to the other workers. The state of the model's random layers
     (dropout's seed generators, which Keras leaves out of the model's checkpoint) is saved
     too, so that a resumed run draws the masks an uninterrupted one would (on the other
-    Horovod workers through `lars_tf.distributed.broadcast_seed_draws`).
+    workers through the engine's `broadcast`).
 
     Args:
         directory: Where the checkpoints go (created on the first save).
@@ -104,6 +104,11 @@ class Checkpointer:
             self._manager = tf.train.CheckpointManager(
                 self._checkpoint, self.directory, max_to_keep=max_to_keep
             )
+
+    @property
+    def checkpoint(self) -> tf.train.Checkpoint:
+        """The `tf.train.Checkpoint` of everything saved (read-only use: an engine checks it)."""
+        return self._checkpoint
 
     @property
     def latest(self) -> str | None:

@@ -23,7 +23,8 @@ Keras version when a release changes it. The Keras range these were tested with 
   `MultiWorkerMirroredStrategy` (keras-team/keras#20585).
 - `distribute_batch` lays a process's batch out as the global array a JAX step takes, as
   Keras' `fit` does (batch-norm re-estimation over several JAX processes).
-- `random_states` and `with_draws_of` read a model's seed generators' `[seed, draws]` states.
+- `random_states`, `with_draws_of` and `with_seed_offset` read and write a model's seed
+  generators' `[seed, draws]` states.
 """
 
 from __future__ import annotations
@@ -357,3 +358,10 @@ def with_draws_of(own_state: Any, other_state: Any) -> list:
     count and keeps its own seed, so that a resumed run draws the masks it would have drawn.
     """
     return [own_state[0], other_state[1]]
+
+
+def with_seed_offset(state: Any, offset: int) -> list:
+    """A `keras.random.SeedGenerator` state `[seed, draws]` with `offset` added to the seed
+    and the draws kept: distinct masks per replica where a strategy starts every replica's
+    generator with one state (`lars_tf.engines.tf_distribute`)."""
+    return [state[0] + offset, state[1]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,14 +32,16 @@ from engine_runs import (
     array_entries,
     assert_close,
     assert_same_progress,
+    environment,
     run,
     run_jax_processes,
     run_processes,
+    tf_config_job,
     trainable_weights,
 )
 from jpeg_fixtures import jpeg_bytes
 
-from lars_tf.engines import launch
+from lars_tf.engines import launch, tf_distribute
 
 sys.path.insert(0, str(REPO))  # train_flags lives at the top level, beside train.py
 import train_flags  # noqa: E402
@@ -162,6 +165,11 @@ def test_fitting_launches_pass_and_prepare_the_backend():
             ["--engine=tf_distribute", "--cpu_devices=2", "--grad_accum_steps=2"],
             {},
             "Keras 3's gradient accumulation fails under MirroredStrategy",
+        ),
+        (
+            ["--engine=tf_distribute", "--cpu_devices=2", "--xla"],
+            {},
+            "--xla on 2 tf.distribute replicas",
         ),
         (["--engine=jax", "--fp16_allreduce"], {}, "--fp16_allreduce is Horovod's compression"),
         (["--cpu_devices=2"], {}, "--cpu_devices is for --engine=tf_distribute and jax"),
@@ -354,10 +362,10 @@ def test_two_tf_distribute_workers_equal_one_and_resume_on_other_worker_counts(
     common = [*TINY, *PLAIN, *jpeg_folder, "--global_batch_size=16", "--num_classes=10"]
     common += ["--checkpoint_every_steps=0", "--lr_schedule=multistep", "--lr_decay_epochs=4"]
     init = initial_weights(tmp_path / "init.weights.h5", common)
-    common.append("--engine=tf_distribute")
-    workers = dict(engine="tf_distribute")
+    workers = dict(engine="tf_distribute")  # run_processes passes --engine itself
+    one_process = [*common, "--engine=tf_distribute"]
     one, two = tmp_path / "one", tmp_path / "two"
-    run(*common, f"--init_weights={init}", "--train_steps=5", f"--model_dir={one}")
+    run(*one_process, f"--init_weights={init}", "--train_steps=5", f"--model_dir={one}")
 
     rank0, rank1 = run_processes(
         *common, f"--init_weights={init}", "--train_steps=3", f"--model_dir={two}", **workers
@@ -371,7 +379,7 @@ def test_two_tf_distribute_workers_equal_one_and_resume_on_other_worker_counts(
 
     # One worker continues to update 4; two workers again to 5, from the chief's restore
     # sent to the other worker. Each ends where the uninterrupted run did.
-    proc = run(*common, "--train_steps=4", f"--model_dir={two}")
+    proc = run(*one_process, "--train_steps=4", f"--model_dir={two}")
     assert f"Resuming from {two}/checkpoints/ckpt-3" in proc.stdout
     assert_close(checkpoint_values(two), checkpoint_values(one, step=4), **TOLERANCE)
     rank0, _ = run_processes(*common, "--train_steps=5", f"--model_dir={two}", **workers)
@@ -386,6 +394,72 @@ def test_two_tf_distribute_workers_equal_one_and_resume_on_other_worker_counts(
     assert [p.returncode for p in failed] == [1, 1]
     assert "rank 0 failed to restore the latest checkpoint" in failed[1].stderr
     assert "cannot be read" in failed[0].stderr + failed[1].stderr
+
+
+def test_tf_distribute_workers_share_collectives_and_keep_seeds_of_their_own(tmp_path):
+    # Two MultiWorkerMirroredStrategy workers on localhost, each running
+    # tests/scripts/tf_workers.py: every collective the trainer uses, checked directly.
+    script = REPO / "tests" / "scripts" / "tf_workers.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)],
+            env=environment(**job),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for job in tf_config_job(2)
+    ]
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert (rank0["rank"], rank1["rank"]) == (0, 1)
+    assert rank0["workers"] == rank0["replicas"] == 2
+    # Worker 1's perturbed kernel is seen by both, and gone after the broadcast.
+    assert rank0["mismatches_before"] == rank1["mismatches_before"] == ["sequential/dense/kernel"]
+    assert rank0["mismatches_after"] == rank1["mismatches_after"] == []
+    assert rank0["kernel"] == rank1["kernel"]
+    # The strategy starts every worker with worker 0's seed state whatever each one's Keras
+    # seed; the broadcast gives replica i the seed + i and keeps the draws, so the dropout
+    # masks differ.
+    assert rank0["states_before"] == rank1["states_before"]
+    (seed, draws), (seed1, draws1) = rank0["states_after"][0], rank1["states_after"][0]
+    assert (seed1, draws1) == (seed + 1, draws)
+    assert rank0["states_after_draw"][0] == [seed, draws + 1]
+    assert rank0["mask"] != rank1["mask"]
+    for seen in (rank0, rank1):
+        assert seen["moving_mean"] == [5.0] * 16  # (0 + 10) / 2
+        assert seen["object"] == {"from": 0, "text": "üüü"}
+        assert seen["sum"] == [1.0, 2.0] and seen["max"] == 1.0
+        assert seen["logs"] == {"loss": 0.5, "images_per_sec": 150.0}
+        assert "synchronized on read (sequential_1/on_read/total)" in seen["on_read_error"]
+
+
+def test_tf_config_ranks_count_the_chief_first():
+    cluster = {"chief": ["c:1"], "worker": ["w0:1", "w1:1"]}
+    ranks = [
+        tf_distribute._tf_config_rank({"cluster": cluster, "task": task})
+        for task in (
+            {"type": "chief", "index": 0},
+            {"type": "worker", "index": 0},
+            {"type": "worker", "index": 1},
+        )
+    ]
+    assert ranks == [0, 1, 2]
+    no_chief = {"cluster": {"worker": ["w0:1", "w1:1"]}, "task": {"type": "worker", "index": 1}}
+    assert tf_distribute._tf_config_rank(no_chief) == 1
+
+
+def test_on_read_variables_names_what_a_chief_only_save_would_hang_on():
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.total = keras.Variable(0.0, trainable=False, synchronization="on_read", name="total")
+    assert tf_distribute.on_read_variables(tf.train.Checkpoint(model=model)) == ["total"]
+    plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert tf_distribute.on_read_variables(tf.train.Checkpoint(model=plain)) == []
 
 
 @pytest.mark.slow

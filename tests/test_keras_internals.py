@@ -101,7 +101,8 @@ def test_the_hooks_are_called_as_lars_relies_on():
 
 
 def test_seed_generator_state_is_the_seed_then_the_draws():
-    # `with_draws_of` (Horovod's resume of each worker's dropout masks) relies on this layout.
+    # `with_draws_of` (Horovod's resume of each worker's dropout masks) and `with_seed_offset`
+    # (tf.distribute's seed per replica) rely on this layout.
     generator = keras.random.SeedGenerator(seed=7)
     seed, draws = keras.ops.convert_to_numpy(generator.state)
     generator.next()
@@ -109,6 +110,7 @@ def test_seed_generator_state_is_the_seed_then_the_draws():
     state = keras.ops.convert_to_numpy(generator.state)
     assert (state[0], state[1]) == (seed, draws + 2)
     assert keras_internals.with_draws_of([5, 0], state) == [5, draws + 2]
+    assert keras_internals.with_seed_offset(state, 3) == [seed + 3, draws + 2]
 
 
 @pytest.mark.parametrize("name", ["alexnet_bn_small", "alexnet_bn"])

@@ -35,7 +35,8 @@ def define(fv: flags.FlagValues = FLAGS) -> None:
         "horovod",
         launch.NAMES,
         "Distributed engine: horovod (one process per device, under horovodrun), "
-        "tf_distribute (MirroredStrategy over one process's devices) or jax (Keras on JAX, "
+        "tf_distribute (MirroredStrategy over one process's devices; MultiWorkerMirroredStrategy "
+        "over the workers of a TF_CONFIG) or jax (Keras on JAX, "
         "keras.distribution.DataParallel over the devices of one process, or of several "
         "started with KERAS_DISTRIBUTION_JOB_ADDRESSES/_NUM_PROCESSES/_PROCESS_ID).",
         flag_values=fv,

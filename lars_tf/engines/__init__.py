@@ -1,7 +1,8 @@
 """Engines: what makes one training run out of several workers (see `base.Engine`).
 
 - `horovod` (the default): one process per device under `horovodrun`;
-- `tf_distribute`: `MirroredStrategy` over the devices of one process;
+- `tf_distribute`: `MirroredStrategy` over the devices of one process, or
+  `MultiWorkerMirroredStrategy` over the workers (processes, machines) of a `TF_CONFIG`;
 - `jax`: Keras on JAX, `keras.distribution.DataParallel` over the devices of one process or
   of several (`keras.distribution.initialize`).
 

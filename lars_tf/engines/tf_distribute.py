@@ -18,7 +18,8 @@ of its own. Under `MultiWorkerMirroredStrategy`:
 - Keras' `fit` fails there with Keras' own SGD too (keras-team/keras#20585), which
   `lars_tf.keras_internals.fit_under_multi_worker_mirrored` works around;
 - the trainer's own collectives (the stop decision, metric sums, rank 0's restored state, the
-  replica check) are all-reduces of the strategy, run eagerly between steps, in float64;
+  replica check) are all-reduces of the strategy, run between steps in a `tf.function`, in
+  float64;
 - the chief (rank 0) alone reads and writes checkpoints, and sends what it restored to the
   others.
 
@@ -30,6 +31,7 @@ finite (an overflow on another replica reaches the weights).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -115,8 +117,20 @@ class TFDistributeEngine(Engine):
             dataset = dataset.rebatch(_batch_size(dataset) // local)
         return self.strategy.distribute_datasets_from_function(lambda context: dataset)
 
-    def check(self, *, accumulation_steps: int, dtype: str = "float32", **options) -> None:
-        super().check(accumulation_steps=accumulation_steps, **options)
+    def check(
+        self, *, accumulation_steps: int, xla: bool, dtype: str = "float32", **options
+    ) -> None:
+        super().check(accumulation_steps=accumulation_steps, xla=xla, **options)
+        if xla and self.replicas > 1:
+            # Measured (TF 2.21, Keras 3.15, two logical CPUs): Keras compiles its step with
+            # XLA inside the strategy's replica function, where the first step fails with
+            # "Trying to access resource .../replica_1/... located in device ...:CPU:1 from
+            # device ...:CPU:0". Keras itself leaves XLA off under tf.distribute by default.
+            raise ValueError(
+                f"--xla on {self.replicas} tf.distribute replicas: Keras' XLA-compiled step "
+                "cannot reach the other replicas' variables under a strategy; run without "
+                "--xla, or use --engine=jax (XLA always) for a compiled multi-device step"
+            )
         if accumulation_steps > 1:
             raise ValueError(
                 f"--grad_accum_steps={accumulation_steps}: Keras 3's gradient accumulation fails "
@@ -130,7 +144,21 @@ class TFDistributeEngine(Engine):
                 "or --engine=horovod, which agrees on that decision across workers"
             )
 
-    # Collectives across workers (identities with one): all-reduces of the strategy, run eagerly
+    def checkpointer(self, directory: str, model: Any, optimizer: Any, max_to_keep: int):
+        checkpointer = super().checkpointer(directory, model, optimizer, max_to_keep)
+        on_read = on_read_variables(checkpointer.checkpoint)
+        if self.workers > 1 and on_read:
+            # Reading such a variable in cross-replica context is an all-reduce: the chief
+            # would wait in it for workers that do not save.
+            raise RuntimeError(
+                f"the checkpoint holds variables synchronized on read ({', '.join(on_read)}): "
+                f"under MultiWorkerMirroredStrategy only the chief saves, and reading one is an "
+                f"all-reduce the other {self.workers - 1} worker(s) would not join (the save "
+                "would hang); keep such variables (Keras metrics' kind) out of the model"
+            )
+        return checkpointer
+
+    # Collectives across workers (identities with one): all-reduces of the strategy, run
     # between steps. Only SUM and MEAN exist there, so every other one is a SUM of each
     # worker's values laid in its own row of zeros, which gathers them.
 
@@ -142,17 +170,38 @@ class TFDistributeEngine(Engine):
         return self._sum(rows)
 
     def _sum(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(self._summed(tf.constant(values, tf.float64)).numpy(), np.float64)
+
+    def _sum_each(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The workers' sums of several arrays, in one all-reduce of their concatenation
+        (float64: exact for float32 values and for integers below 2**53)."""
+        flat = [np.ravel(v).astype(np.float64) for v in values]
+        total = self._sum(np.concatenate(flat) if flat else np.zeros(0))
+        ends = np.cumsum([v.size for v in flat]).tolist()
+        return [
+            total[end - part.size : end].reshape(np.shape(v))
+            for v, part, end in zip(values, flat, ends, strict=True)
+        ]
+
+    @functools.cached_property
+    def _summed(self) -> Callable[[tf.Tensor], tf.Tensor]:
+        """The workers' sum of a float64 tensor, as a `tf.function` (`reduce_retracing`: its
+        traces generalise over shapes rather than one per shape): an eager all-reduce costs
+        several times more, and the guard runs one after every batch. Every worker calls it
+        in the same order, so their traces' collectives match."""
         strategy, local = self.strategy, self.replicas // self.workers
-        tensor = tf.constant(values, tf.float64)
 
-        def contribution():
-            # Each worker once: its first replica adds the value, the others zeros.
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            first = tf.equal(replica % local, 0)
-            return tf.where(first, tensor, tf.zeros_like(tensor))
+        @tf.function(reduce_retracing=True)
+        def summed(tensor):
+            def contribution():
+                # Each worker once: its first replica adds the value, the others zeros.
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                first = tf.equal(replica % local, 0)
+                return tf.where(first, tensor, tf.zeros_like(tensor))
 
-        summed = strategy.reduce("SUM", strategy.run(contribution), axis=None)
-        return np.asarray(summed.numpy(), np.float64)
+            return strategy.reduce("SUM", strategy.run(contribution), axis=None)
+
+        return summed
 
     def allreduce_max(self, value: float, name: str = "lars_tf_max") -> float:
         if self.workers == 1:
@@ -167,6 +216,9 @@ class TFDistributeEngine(Engine):
     def average_logs(self, logs: Mapping[str, Any], name: str = "lars_tf_logs") -> dict:
         if self.workers == 1:
             return dict(logs)
+        # Keras' own logs are already the workers' mean (the step's metrics are reduced
+        # across replicas); what a callback added on each worker (images_per_sec, from its
+        # own clock) is not. Averaging both is exact for the first and needed for the rest.
         keys = sorted(k for k, v in logs.items() if np.ndim(v) == 0)
         means = self._sum(np.array([float(logs[k]) for k in keys])) / self.workers
         return {**logs, **dict(zip(keys, means.tolist(), strict=True))}
@@ -190,19 +242,31 @@ class TFDistributeEngine(Engine):
         )
 
     def broadcast(self, model, optimizer) -> None:
-        """Rank 0's weights, optimizer state and seed-generator states on every worker: a
-        restored checkpoint is read by the chief alone (the model directory need not be
-        shared)."""
-        if self.workers == 1:
-            return
+        """Rank 0's weights, optimizer state and seed-generator draws on every worker (a
+        restored checkpoint is read by the chief alone: the model directory need not be
+        shared), and a dropout seed of each replica's own.
+
+        A mirrored variable starts equal on every replica (`MultiWorkerMirroredStrategy`
+        sends worker 0's initial values to the others), so without the offset every replica
+        draws the same dropout masks, whatever `process_seed` gave each worker's Keras seed:
+        measured under `MirroredStrategy` on two devices, and checked across two workers by
+        `tests/test_engines.py`. Replica i (numbered over all workers) takes rank 0's state
+        with i added to its seed, so replica 0 keeps the checkpoint's and a resumed run
+        draws what an uninterrupted one would on as many replicas.
+        """
         states = keras_internals.random_states(model)
-        for variable in _unique([*model.weights, *optimizer.variables, *states]):
-            value = keras.ops.convert_to_numpy(variable)
-            root = self._sum((value if self.rank == 0 else np.zeros_like(value)).astype(np.float64))
-            if any(variable is state for state in states):
-                # Rank 0's count of draws, this worker's seed (as Horovod's workers keep).
-                root = keras_internals.with_draws_of(value, root)
-            variable.assign(np.asarray(root, dtype=value.dtype))
+        if self.workers > 1:
+            variables = _unique([*model.weights, *optimizer.variables, *states])
+            values = [keras.ops.convert_to_numpy(v) for v in variables]
+            mine = values if self.rank == 0 else [np.zeros_like(v) for v in values]
+            for variable, value, root in zip(variables, values, self._sum_each(mine), strict=True):
+                variable.assign(np.asarray(root, dtype=value.dtype))
+        local = self.replicas // self.workers
+        for state in states:
+            root = keras.ops.convert_to_numpy(state)
+            for index, copy in enumerate(_copies(state)):
+                offset = self.rank * local + index
+                copy.assign(np.asarray(keras_internals.with_seed_offset(root, offset), root.dtype))
 
     def average_model_state(self, model) -> None:
         # Keras creates the batch-norm moving statistics with aggregation "none": under the
@@ -219,11 +283,10 @@ class TFDistributeEngine(Engine):
         if self.workers == 1:
             return
         # Across workers too, as Horovod's workers do.
-        for variable in model.non_trainable_weights:
-            if _is_float(variable):
-                value = keras.ops.convert_to_numpy(variable)
-                mean = self._sum(value.astype(np.float64)) / self.workers
-                variable.assign(mean.astype(value.dtype))
+        variables = [v for v in model.non_trainable_weights if _is_float(v)]
+        values = [keras.ops.convert_to_numpy(v) for v in variables]
+        for variable, value, total in zip(variables, values, self._sum_each(values), strict=True):
+            variable.assign((total / self.workers).astype(value.dtype))
 
     def replica_mismatches(self, variables: Sequence[Any]) -> list[str]:
         differing, prints = [], []
@@ -242,6 +305,15 @@ class TFDistributeEngine(Engine):
                 if np.ptp(column) and _path(v) not in differing
             ]
         return differing
+
+
+def on_read_variables(checkpoint: tf.train.Checkpoint) -> list[str]:
+    """The paths of the variables synchronized on read that `checkpoint` would save."""
+    return [
+        getattr(item, "path", None) or item.name
+        for item in tf.train.TrackableView(checkpoint).descendants()
+        if getattr(item, "synchronization", None) in ("on_read", tf.VariableSynchronization.ON_READ)
+    ]
 
 
 def _tf_config_rank(config: dict) -> int:
