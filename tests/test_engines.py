@@ -43,6 +43,8 @@ from jpeg_fixtures import jpeg_bytes
 
 from lars_tf.engines import launch, tf_distribute
 
+TF_WORKERS = REPO / "tests" / "scripts" / "tf_workers.py"
+
 sys.path.insert(0, str(REPO))  # train_flags lives at the top level, beside train.py
 import train_flags  # noqa: E402
 
@@ -399,10 +401,9 @@ def test_two_tf_distribute_workers_equal_one_and_resume_on_other_worker_counts(
 def test_tf_distribute_workers_share_collectives_and_keep_seeds_of_their_own(tmp_path):
     # Two MultiWorkerMirroredStrategy workers on localhost, each running
     # tests/scripts/tf_workers.py: every collective the trainer uses, checked directly.
-    script = REPO / "tests" / "scripts" / "tf_workers.py"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path)],
+            [sys.executable, str(TF_WORKERS), str(tmp_path)],
             env=environment(**job),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -410,30 +411,60 @@ def test_tf_distribute_workers_share_collectives_and_keep_seeds_of_their_own(tmp
         )
         for job in tf_config_job(2)
     ]
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:  # one worker's failure leaves the other waiting in a collective
+            proc.kill()
+    for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert (rank0["rank"], rank1["rank"]) == (0, 1)
     assert rank0["workers"] == rank0["replicas"] == 2
-    # Worker 1's perturbed kernel is seen by both, and gone after the broadcast.
-    assert rank0["mismatches_before"] == rank1["mismatches_before"] == ["sequential/dense/kernel"]
+    # Worker 1's perturbed kernel is seen by both; after the broadcast both hold rank 0's.
+    assert rank0["mismatches_before"] == rank1["mismatches_before"] == ["net/dense/kernel"]
     assert rank0["mismatches_after"] == rank1["mismatches_after"] == []
-    assert rank0["kernel"] == rank1["kernel"]
-    # The strategy starts every worker with worker 0's seed state whatever each one's Keras
-    # seed; the broadcast gives replica i the seed + i and keeps the draws, so the dropout
-    # masks differ.
-    assert rank0["states_before"] == rank1["states_before"]
-    (seed, draws), (seed1, draws1) = rank0["states_after"][0], rank1["states_after"][0]
-    assert (seed1, draws1) == (seed + 1, draws)
-    assert rank0["states_after_draw"][0] == [seed, draws + 1]
+    assert rank1["kernel_before"] != rank0["kernel_before"]
+    assert rank0["kernel"] == rank1["kernel"] == rank0["kernel_before"]
+    # The strategy starts every worker with worker 0's seed whatever each one's Keras seed
+    # (the workers then drew 2 and 3 times); the broadcast gives replica i rank 0's state
+    # with seed + i, so the dropout masks differ.
+    (seed, draws), (seed1, draws1) = rank0["states_before"][0], rank1["states_before"][0]
+    assert seed1 == seed and (draws, draws1) == (2, 3)
+    assert rank0["states_after"] == [[seed, 2]] and rank1["states_after"] == [[seed + 1, 2]]
+    assert rank0["states_after_draw"] == [[seed, 3]]
+    assert rank1["states_after_draw"] == [[seed + 1, 3]]
     assert rank0["mask"] != rank1["mask"]
     for seen in (rank0, rank1):
         assert seen["moving_mean"] == [5.0] * 16  # (0 + 10) / 2
         assert seen["object"] == {"from": 0, "text": "üüü"}
         assert seen["sum"] == [1.0, 2.0] and seen["max"] == 1.0
         assert seen["logs"] == {"loss": 0.5, "images_per_sec": 150.0}
-        assert "synchronized on read (sequential_1/on_read/total)" in seen["on_read_error"]
+        assert "synchronized on read (other/on_read/total)" in seen["on_read_error"]
+
+
+def test_tf_distribute_devices_of_one_process_keep_seeds_of_their_own(tmp_path):
+    # MirroredStrategy over two logical CPUs: both copies of the seed state start equal; the
+    # broadcast sets them apart (seed, seed + 1) at the draws counted so far, a draw advances
+    # both, and a checkpoint's restore (which assigns every copy the saved one) followed by
+    # the broadcast that `restore` always runs gives the same copies again.
+    proc = subprocess.run(
+        [sys.executable, str(TF_WORKERS), str(tmp_path), "--cpu_devices=2"],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = json.loads((tmp_path / "local.json").read_text())
+    (seed, draws), copy1 = seen["before"]
+    assert copy1 == [seed, draws] and draws == 1
+    assert seen["after"] == [[seed, 1], [seed + 1, 1]]
+    first, second = seen["masks"]
+    assert first != second
+    assert seen["after_draw"] == [[seed, 2], [seed + 1, 2]]
+    assert seen["restored"] == [[seed, 2], [seed, 2]]
+    assert seen["restored_and_broadcast"] == [[seed, 2], [seed + 1, 2]]
 
 
 def test_tf_config_ranks_count_the_chief_first():

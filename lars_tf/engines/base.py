@@ -117,7 +117,9 @@ class Engine:
 
     def process_seed(self, seed: int) -> int:
         """This process's Keras seed: `seed + rank`, so that dropout differs across workers
-        (the weights are made equal by the broadcast after the restore)."""
+        (the weights are made equal by the broadcast after the restore). Under tf.distribute
+        the strategy makes the seed generators' states equal anyway, and the engine's
+        `broadcast` sets them apart per replica."""
         return seed + self.rank
 
     def scope(self) -> contextlib.AbstractContextManager:

@@ -26,7 +26,12 @@ of its own. Under `MultiWorkerMirroredStrategy`:
 Three Keras 3 limits hold for every optimizer under a strategy, and the engine refuses the
 options they break rather than train wrongly: `gradient_accumulation_steps` fails under
 `MirroredStrategy`; under `mixed_float16` each replica decides alone whether its gradients are
-finite (an overflow on another replica reaches the weights).
+finite (an overflow on another replica reaches the weights); an XLA-compiled step (`--xla`)
+fails under `MirroredStrategy` (Keras leaves XLA off under a strategy unless asked).
+
+Dropout: a mirrored variable starts equal on every replica, the seed generators' states too,
+so `broadcast` gives replica i (numbered over all workers) rank 0's state with seed + i
+(`process_seed`, which offsets Horovod's workers, has no effect here).
 """
 
 from __future__ import annotations
@@ -122,14 +127,16 @@ class TFDistributeEngine(Engine):
     ) -> None:
         super().check(accumulation_steps=accumulation_steps, xla=xla, **options)
         if xla and self.replicas > 1:
-            # Measured (TF 2.21, Keras 3.15, two logical CPUs): Keras compiles its step with
-            # XLA inside the strategy's replica function, where the first step fails with
-            # "Trying to access resource .../replica_1/... located in device ...:CPU:1 from
-            # device ...:CPU:0". Keras itself leaves XLA off under tf.distribute by default.
+            # Measured under MirroredStrategy (TF 2.21, Keras 3.15, two logical CPUs): Keras
+            # compiles its step with XLA inside the strategy's replica function, where the
+            # first step fails with "Trying to access resource .../replica_1/... located in
+            # device ...:CPU:1 from device ...:CPU:0". Not measured under
+            # MultiWorkerMirroredStrategy; Keras itself leaves XLA off under any strategy.
             raise ValueError(
                 f"--xla on {self.replicas} tf.distribute replicas: Keras' XLA-compiled step "
-                "cannot reach the other replicas' variables under a strategy; run without "
-                "--xla, or use --engine=jax (XLA always) for a compiled multi-device step"
+                "is not supported under a strategy (under MirroredStrategy it fails at the "
+                "first step) and Keras leaves it off there itself; run without --xla, or use "
+                "--engine=jax (XLA always) for a compiled multi-device step"
             )
         if accumulation_steps > 1:
             raise ValueError(
@@ -146,10 +153,12 @@ class TFDistributeEngine(Engine):
 
     def checkpointer(self, directory: str, model: Any, optimizer: Any, max_to_keep: int):
         checkpointer = super().checkpointer(directory, model, optimizer, max_to_keep)
-        on_read = on_read_variables(checkpointer.checkpoint)
-        if self.workers > 1 and on_read:
+        on_read = on_read_variables(checkpointer.checkpoint) if self.workers > 1 else []
+        if on_read:
             # Reading such a variable in cross-replica context is an all-reduce: the chief
-            # would wait in it for workers that do not save.
+            # would wait in it for workers that do not save. Defensive: Keras' compiled
+            # metrics (the kind) are not tracked by the checkpoint, so train.py's models
+            # never reach this.
             raise RuntimeError(
                 f"the checkpoint holds variables synchronized on read ({', '.join(on_read)}): "
                 f"under MultiWorkerMirroredStrategy only the chief saves, and reading one is an "
@@ -173,22 +182,43 @@ class TFDistributeEngine(Engine):
         return np.asarray(self._summed(tf.constant(values, tf.float64)).numpy(), np.float64)
 
     def _sum_each(self, values: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The workers' sums of several arrays, in one all-reduce of their concatenation
-        (float64: exact for float32 values and for integers below 2**53)."""
-        flat = [np.ravel(v).astype(np.float64) for v in values]
-        total = self._sum(np.concatenate(flat) if flat else np.zeros(0))
-        ends = np.cumsum([v.size for v in flat]).tolist()
-        return [
-            total[end - part.size : end].reshape(np.shape(v))
-            for v, part, end in zip(values, flat, ends, strict=True)
-        ]
+        """The workers' sums of several arrays, in as few all-reduces as buckets of at most
+        `_BUCKET` float64 elements hold (one per array larger than that): few collectives,
+        and no copy of a whole model's state in one buffer. Float64 is exact for the sum of
+        a few float32 values and for integers below 2**53 (checked)."""
+        for value in values:
+            integer = np.issubdtype(value.dtype, np.integer) and value.size
+            if integer and np.abs(value).max() >= 2**53:
+                raise ValueError(
+                    f"an integer state of {np.abs(value).max()} cannot be sent exactly "
+                    "through the engine's float64 all-reduce (at most 2**53)"
+                )
+        sums, bucket = [], []
+
+        def flush():
+            flat = np.concatenate([np.ravel(v).astype(np.float64) for v in bucket])
+            total, start = self._sum(flat), 0
+            for v in bucket:
+                sums.append(total[start : start + v.size].reshape(np.shape(v)))
+                start += v.size
+            bucket.clear()
+
+        for value in values:
+            if bucket and sum(v.size for v in bucket) + value.size > _BUCKET:
+                flush()
+            bucket.append(value)
+        if bucket:
+            flush()
+        return sums
 
     @functools.cached_property
     def _summed(self) -> Callable[[tf.Tensor], tf.Tensor]:
         """The workers' sum of a float64 tensor, as a `tf.function` (`reduce_retracing`: its
         traces generalise over shapes rather than one per shape): an eager all-reduce costs
-        several times more, and the guard runs one after every batch. Every worker calls it
-        in the same order, so their traces' collectives match."""
+        several times more, and the guard runs one after every batch. TensorFlow gives each
+        collective its key when the function is called, not when it is traced, so what must
+        match across workers is the order and the shapes of the calls: every caller passes
+        the same on every worker."""
         strategy, local = self.strategy, self.replicas // self.workers
 
         @tf.function(reduce_retracing=True)
@@ -253,6 +283,11 @@ class TFDistributeEngine(Engine):
         `tests/test_engines.py`. Replica i (numbered over all workers) takes rank 0's state
         with i added to its seed, so replica 0 keeps the checkpoint's and a resumed run
         draws what an uninterrupted one would on as many replicas.
+
+        The copies stay apart because Keras creates the state with aggregation "none": a
+        step's draw on one replica updates that replica's copy only. An assignment made
+        across all replicas at once (a checkpoint read, `set_weights` of the state) makes
+        them equal again, which is why `restore` always ends here.
         """
         states = keras_internals.random_states(model)
         if self.workers > 1:
@@ -305,6 +340,10 @@ class TFDistributeEngine(Engine):
                 if np.ptp(column) and _path(v) not in differing
             ]
         return differing
+
+
+# Elements of one all-reduce of `_sum_each`: 64 MiB of float64.
+_BUCKET = 8 * 2**20
 
 
 def on_read_variables(checkpoint: tf.train.Checkpoint) -> list[str]:
