@@ -441,6 +441,7 @@ def test_tf_distribute_workers_share_collectives_and_keep_seeds_of_their_own(tmp
         assert seen["sum"] == [1.0, 2.0] and seen["max"] == 1.0
         assert seen["logs"] == {"loss": 0.5, "images_per_sec": 150.0}
         assert "synchronized on read (other/on_read/total)" in seen["on_read_error"]
+        assert "cannot be sent exactly" in seen["integer_error"]
 
 
 def test_tf_distribute_devices_of_one_process_keep_seeds_of_their_own(tmp_path):

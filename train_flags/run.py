@@ -30,8 +30,9 @@ def _define_system(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool(
         "xla",
         False,
-        "Compile the train step with XLA (single process only: Horovod's "
-        "collectives cannot run inside XLA; always on under --engine=jax).",
+        "Compile the train step with XLA (one replica only: Horovod's collectives "
+        "cannot run inside XLA, and Keras' XLA step fails under a tf.distribute strategy; "
+        "always on under --engine=jax).",
         flag_values=fv,
     )
     flags.DEFINE_integer(

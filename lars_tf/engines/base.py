@@ -173,9 +173,24 @@ class Engine:
         """Give every process rank 0's weights and optimizer state."""
 
     def run_on_root(self, function: Callable[[], Any], what: str) -> Any:
-        """`function()` on rank 0, its result (or its failure) on every process."""
-        del what
-        return function()
+        """`function()` on rank 0, its result (or its failure) on every process, through the
+        engine's `_broadcast_object` and `allreduce_max` (module-level `run_on_root`)."""
+        if self.processes == 1:
+            return function()
+        return run_on_root(
+            function,
+            what,
+            rank=self.rank,
+            broadcast_object=self._broadcast_object,
+            barrier=lambda: self.allreduce_max(0.0),
+        )
+
+    def _broadcast_object(self, value: Any) -> Any:
+        """Rank 0's picklable `value`, on every process (an engine of several processes
+        implements it, or `run_on_root`)."""
+        if self.processes == 1:
+            return value
+        raise NotImplementedError(f"{type(self).__name__} broadcasts no objects")
 
     def restore(self, checkpointer: Any, model: Any, optimizer: Any) -> int:
         """Restore `checkpointer`'s latest checkpoint on rank 0 and give every process its

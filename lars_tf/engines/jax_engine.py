@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,7 +36,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from lars_tf import checkpoint
-from lars_tf.engines.base import Engine, run_on_root
+from lars_tf.engines.base import Engine
 from lars_tf.engines.launch import jax_processes
 
 
@@ -121,17 +121,6 @@ class JaxEngine(Engine):
         size = int(self._gather([0 if data is None else data.size])[0, 0])
         buffer = data if data is not None else np.zeros(size, np.uint8)
         return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
-
-    def run_on_root(self, function: Callable[[], Any], what: str) -> Any:
-        if self.processes == 1:
-            return function()
-        return run_on_root(
-            function,
-            what,
-            rank=self.rank,
-            broadcast_object=self._broadcast_object,
-            barrier=lambda: self.allreduce_max(0.0),
-        )
 
     def restore(self, checkpointer: Any, model: Any, optimizer: Any) -> int:
         """Process 0 reads the checkpoint (the model directory need not be shared), sends its

@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from lars_tf import keras_internals
-from lars_tf.engines.base import Engine, run_on_root
+from lars_tf.engines.base import Engine
 from lars_tf.engines.launch import LaunchError, tf_config_workers
 
 
@@ -185,14 +185,17 @@ class TFDistributeEngine(Engine):
         """The workers' sums of several arrays, in as few all-reduces as buckets of at most
         `_BUCKET` float64 elements hold (one per array larger than that): few collectives,
         and no copy of a whole model's state in one buffer. Float64 is exact for the sum of
-        a few float32 values and for integers below 2**53 (checked)."""
-        for value in values:
-            integer = np.issubdtype(value.dtype, np.integer) and value.size
-            if integer and np.abs(value).max() >= 2**53:
-                raise ValueError(
-                    f"an integer state of {np.abs(value).max()} cannot be sent exactly "
-                    "through the engine's float64 all-reduce (at most 2**53)"
-                )
+        a few float32 values and for integers below 2**53 (checked on every worker, and
+        agreed on, so that all raise and none waits in the all-reduce)."""
+        largest = max(
+            (int(np.abs(v).max()) for v in values if np.issubdtype(v.dtype, np.integer) and v.size),
+            default=0,
+        )
+        if self.allreduce_max(float(largest >= 2**53)):
+            raise ValueError(
+                "an integer state at or above 2**53 cannot be sent exactly through the "
+                f"engine's float64 all-reduce (the largest here: {largest})"
+            )
         sums, bucket = [], []
 
         def flush():
@@ -259,17 +262,6 @@ class TFDistributeEngine(Engine):
         size = int(self._gather([0 if data is None else data.size])[0, 0])
         buffer = data.astype(np.float64) if data is not None else np.zeros(size)
         return pickle.loads(self._sum(buffer).astype(np.uint8).tobytes())
-
-    def run_on_root(self, function: Callable[[], Any], what: str) -> Any:
-        if self.workers == 1:
-            return function()
-        return run_on_root(
-            function,
-            what,
-            rank=self.rank,
-            broadcast_object=self._broadcast_object,
-            barrier=lambda: self.allreduce_max(0.0),
-        )
 
     def broadcast(self, model, optimizer) -> None:
         """Rank 0's weights, optimizer state and seed-generator draws on every worker (a

@@ -154,6 +154,13 @@ def main(out_dir: Path, timing: bool) -> None:
     seen["max"] = engine.allreduce_max(float(rank))
     seen["logs"] = engine.average_logs({"loss": 0.5, "images_per_sec": 100.0 * (rank + 1)})
 
+    # An integer past float64's exact range on one worker only: both refuse, neither waits.
+    try:
+        engine._sum_each([np.array([2**53 if rank == 1 else 5], np.int64)])
+        seen["integer_error"] = None
+    except ValueError as error:
+        seen["integer_error"] = str(error)
+
     engine.checkpointer(str(out_dir / f"ckpt{rank}"), model, optimizer, max_to_keep=1)
     with engine.scope():
         other = keras.Sequential([keras.Input((4,)), OnRead(name="on_read")], name="other")
