@@ -186,10 +186,8 @@ class Engine:
         )
 
     def _broadcast_object(self, value: Any) -> Any:
-        """Rank 0's picklable `value`, on every process (an engine of several processes
-        implements it, or `run_on_root`)."""
-        if self.processes == 1:
-            return value
+        """Rank 0's picklable `value`, on every process: what `run_on_root` needs of an
+        engine of several processes (or it overrides `run_on_root`)."""
         raise NotImplementedError(f"{type(self).__name__} broadcasts no objects")
 
     def restore(self, checkpointer: Any, model: Any, optimizer: Any) -> int:

@@ -185,31 +185,22 @@ class TFDistributeEngine(Engine):
         """The workers' sums of several arrays, in as few all-reduces as buckets of at most
         `_BUCKET` float64 elements hold (one per array larger than that): few collectives,
         and no copy of a whole model's state in one buffer. Float64 is exact for the sum of
-        a few float32 values and for integers below 2**53 (checked on every worker, and
-        agreed on, so that all raise and none waits in the all-reduce)."""
-        largest = max(
-            (int(np.abs(v).max()) for v in values if np.issubdtype(v.dtype, np.integer) and v.size),
-            default=0,
-        )
-        if self.allreduce_max(float(largest >= 2**53)):
-            raise ValueError(
-                "an integer state at or above 2**53 cannot be sent exactly through the "
-                f"engine's float64 all-reduce (the largest here: {largest})"
-            )
-        sums, bucket = [], []
+        a few float32 values and for integers below 2**53 (`broadcast` checks its own)."""
+        sums, bucket, size = [], [], 0
 
         def flush():
-            flat = np.concatenate([np.ravel(v).astype(np.float64) for v in bucket])
-            total, start = self._sum(flat), 0
+            total, start = self._sum(np.concatenate([np.ravel(v) for v in bucket])), 0
             for v in bucket:
                 sums.append(total[start : start + v.size].reshape(np.shape(v)))
                 start += v.size
             bucket.clear()
 
         for value in values:
-            if bucket and sum(v.size for v in bucket) + value.size > _BUCKET:
+            if bucket and size + value.size > _BUCKET:
                 flush()
-            bucket.append(value)
+                size = 0
+            bucket.append(np.asarray(value, np.float64))
+            size += value.size
         if bucket:
             flush()
         return sums
@@ -285,6 +276,14 @@ class TFDistributeEngine(Engine):
         if self.workers > 1:
             variables = _unique([*model.weights, *optimizer.variables, *states])
             values = [keras.ops.convert_to_numpy(v) for v in variables]
+            # The seed states are integers: float64 carries them exactly below 2**53. Every
+            # worker checks its own and they agree, so that all raise and none waits below.
+            largest = max((int(np.abs(v).max()) for v in values if _is_integer(v)), default=0)
+            if self.allreduce_max(float(largest >= 2**53)):
+                raise ValueError(
+                    "an integer state at or above 2**53 cannot be sent exactly through the "
+                    f"engine's float64 all-reduce (the largest here: {largest})"
+                )
             mine = values if self.rank == 0 else [np.zeros_like(v) for v in values]
             for variable, value, root in zip(variables, values, self._sum_each(mine), strict=True):
                 variable.assign(np.asarray(root, dtype=value.dtype))
@@ -380,6 +379,10 @@ def _copies(variable) -> list:
     """The per-replica copies of a mirrored variable (one entry otherwise)."""
     value = variable.value if isinstance(variable, keras.Variable) else variable
     return list(getattr(value, "values", [value]))
+
+
+def _is_integer(value: np.ndarray) -> bool:
+    return np.issubdtype(value.dtype, np.integer) and value.size > 0
 
 
 def _is_float(variable) -> bool:

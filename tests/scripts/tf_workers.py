@@ -154,9 +154,14 @@ def main(out_dir: Path, timing: bool) -> None:
     seen["max"] = engine.allreduce_max(float(rank))
     seen["logs"] = engine.average_logs({"loss": 0.5, "images_per_sec": 100.0 * (rank + 1)})
 
-    # An integer past float64's exact range on one worker only: both refuse, neither waits.
+    # A seed past float64's exact range on one worker only: both refuse, neither waits.
+    with engine.scope():
+        big = _model("big")
+    if rank == 1:
+        (state,) = keras_internals.random_states(big)
+        state.assign(np.array([2**53, 0], np.int64))
     try:
-        engine._sum_each([np.array([2**53 if rank == 1 else 5], np.int64)])
+        engine.broadcast(big, optimizer)
         seen["integer_error"] = None
     except ValueError as error:
         seen["integer_error"] = str(error)
