@@ -201,12 +201,17 @@ def test_train_py_refuses_a_bad_launch_before_any_work(tmp_path, argv, env, mess
 def initial_weights(path: Path, argv: list[str]) -> Path:
     """The weights train.py's model of `argv` starts from, saved as a Keras .weights.h5.
 
-    Seeded, so that every run of a test starts from the same weights: unseeded, about one
-    pytest run in five drew weights for which two JAX processes at B/2 and one at B differ
-    by a few percent in the first update's gradient (two of ten runs of the batch-norm test;
-    each outcome reproduced bitwise by rerunning train.py from that run's weights, so it is
-    the weights, not a nondeterministic collective). Not explained yet: see issue 18's note.
-    """
+    Seeded, so that every run of a test starts from the same weights. Unseeded, about one
+    pytest run in five drew weights with a ReLU at a kink: one conv4 output of the batch-norm
+    test's failing weights was -1.2e-7 (its channel's |x| ~0.14), within float32 rounding of
+    0. The 1-process batch and the 2 processes' global batch hold the same 16 images in
+    another order, the sums round differently, and that one ReLU opens in one program and not
+    the other. Every gradient below it (conv1..conv4, through the batch norms) then differs
+    by about 1%, all of conv4's in output channel 32 alone; conv5 and fc6..fc8 agree to
+    1e-7. Both are valid subgradients of the same loss, so no engine is wrong: one process
+    fed those images in some orders computes the same 1% difference, on TensorFlow too
+    (float64 agrees with one order to 7e-7).
+        """
     import keras
 
     keras.utils.set_random_seed(0)
@@ -525,6 +530,11 @@ def test_jax_two_processes_train_and_reestimate_batch_norm_as_one(tmp_path, jpeg
     # variance at 0.81 + 0.19 x the batch's, never below 0.81; the deeper layers' are ~0.02.
     assert any(expected[k].max() < 0.5 for k in moving if "moving_variance" in k)
     assert_close(stored, expected, **TOLERANCE)
+    # The momenta (about 1e-6) sit under TOLERANCE's atol: compared to their own norms,
+    # which a 1% gradient difference (a ReLU at a kink, see initial_weights) exceeds.
+    for name in (k for k in expected if k.endswith("_momentum")):
+        difference = np.linalg.norm(stored[name] - expected[name])
+        assert difference <= 1e-4 * np.linalg.norm(expected[name]), name
     assert json.loads((two / "results.json").read_text())["examples"] == 4
 
 
