@@ -211,7 +211,7 @@ def initial_weights(path: Path, argv: list[str]) -> Path:
     1e-7. Both are valid subgradients of the same loss, so no engine is wrong: one process
     fed those images in some orders computes the same 1% difference, on TensorFlow too
     (float64 agrees with one order to 7e-7).
-        """
+    """
     import keras
 
     keras.utils.set_random_seed(0)
