@@ -209,10 +209,10 @@ def initial_weights(path: Path, argv: list[str]) -> Path:
     the other. Every gradient below it (conv1..conv4, through the batch norms) then differs
     by about 1% of its norm, all of conv4's in output channel 32 alone, while the first
     update's gradients of conv5 and fc6..fc8 agree to 6e-7 of theirs. Each program computes,
-    in float32, the gradient on its own side of the ReLU's jump at 0 (float64 puts the value
-    at -1.2e-7 too, and agrees with the one-process order to 7e-7); one process fed those
-    images in some orders shows the same 1% difference, on TensorFlow too. So no engine is
-    wrong, and the measured rate is two runs of ten of one test.
+    in float32, the gradient on its own side of the ReLU's jump at 0 (float64 agrees with
+    the one-process order to 7e-7); one process fed those images in some orders shows the
+    same 1% difference, on TensorFlow too. So no engine is wrong, and the measured rate is
+    two runs of ten of one test.
     """
     import keras
 
