@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import gc
 import json
 import math
 import os
@@ -477,6 +478,11 @@ class Trainer:
             )
         finally:
             guard.restore_signal_handler()
+            # `fit`'s input iterators sit in reference cycles (Keras' epoch iterators). Left
+            # to the collector at interpreter exit, a tf.data iterator's destructor waits
+            # there for its autotuning thread: 20 to 40 s measured at the end of two JAX
+            # processes. Collected now, while the runtime is whole, they go in about a second.
+            gc.collect()
         if self.data.corrupt_count():
             logging.warning("%d corrupt training images were skipped.", self.data.corrupt_count())
         ended = functools.partial(
