@@ -53,11 +53,12 @@ def test_fit_leaves_no_input_iterator_alive():
     # Under DataParallel each `model.fit` left its tf.data iterator in a reference cycle: one
     # per epoch under exact resume, each holding its pipeline (shuffle buffer, threads) until
     # a full collection, and those still there at interpreter exit made two JAX processes
-    # wait 20 to 40 s past their last line. `fit` collects after each call: none of the
-    # earlier calls' is left when the next begins, nor any after the last. The automatic
-    # collection is off, so that it cannot free them in the test's place. (Without the
-    # collect: 3 left under JAX, 1 under TensorFlow; under torch, whose loader holds no
-    # cycle, the test cannot fail.)
+    # wait 20 to 40 s past their last line. With a distribution `fit` collects after each
+    # call: none of the earlier calls' is left when the next begins, nor any after the last.
+    # Without one nothing piles up: at most one call's iterator is garbage at a time. The
+    # automatic collection is off, so that it cannot free them in the test's place. (Without
+    # the collect, 3 are left under JAX; under torch, whose loader holds no cycle, the test
+    # cannot fail.)
     x = np.ones((4, 3), "float32")
     y = np.zeros((4, 2), "float32")
 
@@ -89,4 +90,4 @@ def test_fit_leaves_no_input_iterator_alive():
                 gc.enable()
     assert len(histories) == 3 and len(counts.at_begin) == 3  # one `model.fit` per epoch
     assert max(counts.at_begin) <= before + 1  # at most the starting call's own
-    assert left == before
+    assert left == before if keras.backend.backend() == "jax" else left <= before + 1
