@@ -143,16 +143,11 @@ def fit(
             shuffle=False,  # the input pipeline shuffles
         )
         if keras.distribution.distribution() is not None:
-            # With a distribution (the jax engine's DataParallel), Keras' JAX epoch iterator
-            # leaves each call's tf.data iterator in a reference cycle, holding its pipeline's
-            # buffers and threads until a full collection: one pipeline per epoch under exact
-            # resume. Those left at interpreter exit made each of two JAX processes wait 20 to
-            # 40 s past its last line, their destructors waiting on the pipelines' thread
-            # pools. Collected here (0.5 to 1.5 s a collection, measured), the processes exit
-            # 2 s after their last line. (Without a distribution nothing piles up, at most
-            # the last call's iterator waits for the collector (measured under TensorFlow):
-            # a collection per call would be CPU time for nothing. Not reached when
-            # `model.fit` raises: its traceback keeps them alive anyway.)
+            # Under a distribution (the jax engine's DataParallel) Keras' JAX epoch iterator
+            # keeps each call's tf.data iterator in a reference cycle: one pipeline per epoch
+            # (buffers, threads) alive until a full collection, and two JAX processes hung 20
+            # to 40 s at exit in their destructors. Collected here: 0.5 to 1.5 s a call
+            # (measured). Without a distribution nothing piles up, so no collection.
             gc.collect()
         histories.append(history)
         if guard.stop_reason is not None:

@@ -50,15 +50,11 @@ class CountIterators(keras.callbacks.Callback):
 
 
 def test_fit_leaves_no_input_iterator_alive():
-    # Under DataParallel each `model.fit` left its tf.data iterator in a reference cycle: one
-    # per epoch under exact resume, each holding its pipeline (shuffle buffer, threads) until
-    # a full collection, and those still there at interpreter exit made two JAX processes
-    # wait 20 to 40 s past their last line. With a distribution `fit` collects after each
-    # call: none of the earlier calls' is left when the next begins, nor any after the last.
-    # Without one nothing piles up: at most one call's iterator is garbage at a time. The
-    # automatic collection is off, so that it cannot free them in the test's place. (Without
-    # the collect, 3 are left under JAX; under torch, whose loader holds no cycle, the test
-    # cannot fail.)
+    # Under a distribution `fit` collects each call's iterator (see `fit`): none of the
+    # earlier calls' is alive when the next begins, nor any after the last. Without one, at
+    # most one call's is garbage at a time. Automatic collection is off, so that it cannot
+    # free them in the test's place. (Without the collect, 3 are left under JAX; under torch,
+    # whose loader holds no cycle, the test cannot fail.)
     x = np.ones((4, 3), "float32")
     y = np.zeros((4, 2), "float32")
 
