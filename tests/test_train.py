@@ -392,6 +392,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         (["--flagfile=/nonexistent/recipe.cfg"], "/nonexistent/recipe.cfg"),
         (["--learning_rate=-0.1"], "--learning_rate must be > 0"),
         (["--resize_on_device=64"], "--resize_on_device needs --preprocessing in paper, "),
+        (
+            ["--nosynthetic", "--dataset=folder", "--data_dir=/", "--preprocessing=inception"]
+            + ["--resize_on_device=16"],  # a canvas smaller than the 32 px images
+            "--resize_on_device (the canvas side) must be at least",
+        ),
     ],
 )
 def test_bad_flags_fail_before_writing_anything(tmp_path, argv, message):

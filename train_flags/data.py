@@ -153,6 +153,16 @@ def define(fv: flags.FlagValues = FLAGS) -> None:
     )
     _checks.multi(
         fv,
+        ["resize_on_device", "image_size", "model"],
+        lambda f: (
+            not f["resize_on_device"]
+            or f["resize_on_device"] >= (f["image_size"] or models.default_image_size(f["model"]))
+        ),
+        "--resize_on_device (the canvas side) must be at least the image size (--image_size, "
+        "or the model's)",
+    )
+    _checks.multi(
+        fv,
         ["channels", "mean", "std"],
         lambda f: all(len(f[k]) in (0, 1, f["channels"]) for k in ("mean", "std")),
         "--mean and --std need 1 or --channels values each",

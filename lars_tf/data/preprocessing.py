@@ -18,8 +18,8 @@ Resizing on the accelerator (`canvas`, modes `paper`, `inception` and `eval`): t
 decodes (the crop window where the mode allows it) and places the image in the top-left
 corner of a `canvas x canvas` uint8 array, with its geometry (its size, the side it is
 resized to, the window and the flip; `lars_tf.models.layers.GEOMETRY`); the model's first
-layer, `ResizeAndCrop`, computes the window of the bilinear resize there, the same values as
-this module's resize before its rounding to uint8 (tests/test_data.py). An image larger than
+layer, `ResizeAndCrop`, computes the window of the bilinear resize there, rounded: the same
+pixels as this module's host modes give (tests/test_data.py). An image larger than
 the canvas is first shrunk to fit on the host (a second bilinear resize: its pixels are then
 not exactly the host mode's).
 
@@ -314,7 +314,7 @@ class ImagePreprocessor:
             return tf.zeros(self.output_shape, tf.uint8)
         return {
             "images": tf.zeros([self.canvas, self.canvas, self.channels], tf.uint8),
-            "geometry": tf.zeros([6], tf.int32),
+            "geometry": tf.zeros([6], tf.int32),  # lars_tf.models.layers.GEOMETRY
         }
 
     def __call__(
