@@ -120,9 +120,7 @@ def recalibrate(
         for batch in dataset.take(num_batches):
             images = batch[0] if isinstance(batch, tuple | list) else batch
             if keras.backend.backend() != "tensorflow":
-                # tf.data's tensors (a dict of them for resize_input models), for another
-                # backend's ops.
-                images = keras.tree.map_structure(lambda t: t.numpy(), images)
+                images = images.numpy()  # tf.data's tensor, for another backend's ops
             if keras.backend.backend() == "jax":
                 # Under a distribution of several processes each holds a part of the global
                 # batch: the statistics are the global batch's, as in the training step.

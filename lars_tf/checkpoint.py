@@ -45,8 +45,8 @@ def _not_this_model(path: str, detail: str) -> ValueError:
     return ValueError(
         f"checkpoint {path} does not match this model and optimizer: it was written by another "
         "configuration (train.py: another --model or model option, --optimizer, "
-        "--normalize_on_device, --resize_on_device, or an older lars_tf). Resume with the flags "
-        f"that wrote it (flags.txt beside it), or start in a new model directory. {detail}"
+        "--normalize_on_device, or an older lars_tf). Resume with the flags that wrote it "
+        f"(flags.txt beside it), or start in a new model directory. {detail}"
     )
 
 

@@ -56,8 +56,7 @@ def _make_logits_function(model: keras.Model):
         def logits(images):
             trainable = [local(v.value) for v in model.trainable_variables]
             non_trainable = [local(v.value) for v in model.non_trainable_variables]
-            images = keras.tree.map_structure(keras.ops.convert_to_numpy, images)
-            return call(trainable, non_trainable, images)
+            return call(trainable, non_trainable, keras.ops.convert_to_numpy(images))
 
         return logits
     return lambda images: model(images, training=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import tarfile
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from lars_tf.data import (
     preprocessing,
 )
 from lars_tf.data import preprocessing as pp
-from lars_tf.models.layers import ResizeAndCrop
 
 SYNSETS = imagenet.imagenet_synsets()
 
@@ -257,102 +255,6 @@ def test_defaults_and_invalid_arguments():
         ImagePreprocessor("paper", True, 16, channels=1)
     with pytest.raises(ValueError, match="dtype must be a float dtype"):
         ImagePreprocessor("paper", True, 16, dtype="int32")
-
-
-# --- the resize on the accelerator (a canvas) ----------------------------------------------
-
-
-def on_device(prepared: dict) -> np.ndarray:
-    """What the model's first layer makes of one image `prepare` put on a canvas."""
-    batch = (prepared["images"][None], prepared["geometry"][None])
-    return np.asarray(ResizeAndCrop(IMAGE)(batch))[0]
-
-
-IMAGE, CANVAS = 20, 64
-
-
-@pytest.mark.parametrize("mode", pp.DEVICE_RESIZE_MODES)
-@pytest.mark.parametrize("is_training", [True, False])
-@pytest.mark.parametrize("channels", [3, 1])
-def test_resizing_on_the_device_gives_the_host_modes_pixels(mode, is_training, channels):
-    # The host decodes (the window where the mode decodes only it) and pads; the model's
-    # ResizeAndCrop resizes and crops: exactly the host mode's image, for images smaller and
-    # larger than the resize, one stored at the paper's resize (its window alone is shipped)
-    # and a PNG, with the same random window and flip for the same seed.
-    mean = None if channels == 1 else IMAGENET_MEAN_RGB
-    host = ImagePreprocessor(mode, is_training, IMAGE, resize_size=26, channels=channels, mean=mean)
-    device = dataclasses.replace(host, canvas=CANVAS)
-    images = [jpeg_bytes(h, w, seed=h) for h, w in ((30, 50), (26, 26), (60, 41), (14, 17))]
-    images.append(png_bytes(33, 21, seed=3))
-    flips = set()
-    for i, data in enumerate(images):
-        for s in range(3):
-            seed = tf.constant([s, i], tf.int64)
-            prepared = device.prepare(tf.constant(data), None, seed)
-            geometry = prepared["geometry"].numpy()
-            assert prepared["images"].shape == (CANVAS, CANVAS, channels)
-            assert prepared["images"].dtype == tf.uint8 and geometry.dtype == np.int32
-            flips.add(int(geometry[5]))
-            expected = host.prepare(tf.constant(data), None, seed).numpy()
-            np.testing.assert_array_equal(on_device(prepared), expected, err_msg=f"{i} {s}")
-    assert flips == ({0, 1} if is_training and mode != "eval" else {0})
-
-
-def test_an_image_larger_than_the_canvas_is_shrunk_to_fit_first():
-    device = ImagePreprocessor("paper", False, IMAGE, resize_size=26, mean=None, canvas=32)
-    prepared = device.prepare(tf.constant(jpeg_bytes(30, 50, seed=1)))
-    geometry = prepared["geometry"].numpy()
-    np.testing.assert_array_equal(geometry, [30, 32, 26, 3, 3, 0])
-    # Two resizes (50 -> 32 -> 26 columns) instead of one: close, not equal.
-    host = ImagePreprocessor("paper", False, IMAGE, resize_size=26, mean=None)
-    expected = host.prepare(tf.constant(jpeg_bytes(30, 50, seed=1))).numpy()
-    assert np.abs(on_device(prepared) - expected).mean() < 8
-
-
-def test_resize_on_device_refuses_what_it_cannot_do(shards):
-    with pytest.raises(ValueError, match="canvas .* is for preprocessing .*not 'cifar'"):
-        ImagePreprocessor("cifar", True, 16, canvas=32)
-    with pytest.raises(ValueError, match="canvas must be an int >= image_size=16, got 8"):
-        ImagePreprocessor("paper", True, 16, canvas=8)
-    with pytest.raises(ValueError, match="the model resizes and normalises: use `prepare`"):
-        ImagePreprocessor("paper", False, 16, canvas=32)(tf.constant(jpeg_bytes(20, 20)))
-    common = dict(split="train", batch_size=2, image_size=16, is_training=True)
-    with pytest.raises(ValueError, match="resize_on_device needs normalize=False"):
-        build_dataset("tfrecord", data_dir=str(shards), resize_on_device=32, **common)
-    with pytest.raises(ValueError, match="not source='synthetic'"):
-        build_dataset("synthetic", resize_on_device=32, normalize=False, **common)
-
-
-@pytest.mark.parametrize("is_training", [True, False])
-def test_a_pipeline_resizing_on_the_device_feeds_the_host_pipelines_images(shards, is_training):
-    # The whole pipeline (seeds per record, batching, the evaluation pass's end marker):
-    # its canvases, resized by the model's first layer, are the host pipeline's batches.
-    def batches(canvas):
-        spec = build_dataset(
-            "tfrecord",
-            split="train" if is_training else "validation",
-            batch_size=4,
-            image_size=16,
-            data_dir=str(shards),
-            is_training=is_training,
-            preprocessing="inception",
-            deterministic=True,
-            seed=3,
-            normalize=False,
-            resize_on_device=canvas,
-        )
-        assert spec.image_shape == (16, 16, 3)
-        return list(spec.dataset.take(3))
-
-    host, device = batches(None), batches(CANVAS)
-    assert len(host) == len(device) == 3
-    layer = ResizeAndCrop(16)
-    for (images, labels), (inputs, device_labels) in zip(host, device, strict=True):
-        assert sorted(inputs) == ["geometry", "images"]
-        assert inputs["images"].shape[1:] == (CANVAS, CANVAS, 3)
-        np.testing.assert_array_equal(device_labels, labels)
-        got = np.asarray(layer((inputs["images"], inputs["geometry"])))
-        np.testing.assert_array_equal(got, images.numpy())
 
 
 # --- tfrecord source -----------------------------------------------------------------------

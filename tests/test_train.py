@@ -195,56 +195,6 @@ def test_normalising_in_tf_data_instead_of_on_the_device_trains_too(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 2
 
 
-@pytest.mark.slow
-def test_resizing_on_the_device_trains_to_the_host_resizes_weights(tmp_path):
-    # --resize_on_device moves the Inception crop's resize (and its flip) into the model's
-    # first layer, which gives the host's pixels (tests/test_data.py): the same run ends
-    # with the same weights, batch-norm re-estimation and evaluation included.
-    root = tmp_path / "jpegs"
-    for split, count in (("train", 8), ("validation", 2)):
-        for label in "ab":
-            (root / split / label).mkdir(parents=True)
-            for i in range(count):
-                image = jpeg_bytes(30 + 3 * i, 60 - 4 * i, seed=ord(label) * 10 + i)
-                (root / split / label / f"{i}.jpg").write_bytes(image)
-    common = [
-        *TINY,
-        "--dataset=folder",
-        f"--data_dir={root}",
-        "--preprocessing=inception",
-        "--deterministic",
-        "--num_classes=2",
-        "--train_steps=3",
-        "--log_every_steps=0",
-        "--bn_recalibration_batches=1",
-    ]
-    host, device = tmp_path / "host", tmp_path / "device"
-    train(*common, f"--model_dir={host}")
-    train(*common, "--resize_on_device=64", f"--model_dir={device}")
-
-    def stored(model_dir):
-        # The optimizer's variables (the weights and their momenta) by name, and the model's
-        # other floats (the batch-norm statistics) in the model's order: the input layers
-        # the device's model adds shift the model's names by two.
-        values = checkpoint_values(model_dir)
-        optimizer = {k: v for k, v in values.items() if k.startswith("optimizer/")}
-        order = sorted(
-            (k for k, v in values.items() if k.startswith("model/") and v.dtype.kind == "f"),
-            key=lambda k: (int(k.split("/")[2]), k),
-        )
-        return optimizer, [values[k] for k in order]
-
-    (expected, expected_model), (actual, actual_model) = stored(host), stored(device)
-    assert expected.keys() == actual.keys() and len(expected) > 20
-    for key, value in expected.items():
-        np.testing.assert_array_equal(actual[key], value, err_msg=key)
-    assert len(expected_model) == len(actual_model) >= 8
-    for a, e in zip(actual_model, expected_model, strict=True):
-        np.testing.assert_array_equal(a, e)
-    results = [json.loads((d / "results.json").read_text()) for d in (host, device)]
-    assert results[0]["examples"] == 4 and results[0] == results[1]
-
-
 def test_single_process_synthetic_run_writes_everything(tmp_path):
     model_dir = tmp_path / "run"
     proc = train(
@@ -391,12 +341,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         (["--global_batch_size=30", "--grad_accum_steps=4"], "--global_batch_size=30"),
         (["--flagfile=/nonexistent/recipe.cfg"], "/nonexistent/recipe.cfg"),
         (["--learning_rate=-0.1"], "--learning_rate must be > 0"),
-        (["--resize_on_device=64"], "--resize_on_device needs --preprocessing in paper, "),
-        (
-            ["--nosynthetic", "--dataset=folder", "--data_dir=/", "--preprocessing=inception"]
-            + ["--resize_on_device=16"],  # a canvas smaller than the 32 px images
-            "--resize_on_device (the canvas side) must be at least",
-        ),
     ],
 )
 def test_bad_flags_fail_before_writing_anything(tmp_path, argv, message):

@@ -101,16 +101,6 @@ def define(fv: flags.FlagValues = FLAGS) -> None:
         flag_values=fv,
     )
     flags.DEFINE_integer(
-        "resize_on_device",
-        0,
-        "0: tf.data resizes. N: the resize moves to the accelerator too (--preprocessing "
-        "paper, inception or eval, with --normalize_on_device): the host only decodes and "
-        "ships each image on an N x N uint8 canvas (larger ones shrunk to fit), the model's "
-        "first layer resizes and crops it; e.g. 512 for ImageNet's originals.",
-        lower_bound=0,
-        flag_values=fv,
-    )
-    flags.DEFINE_integer(
         "synthetic_examples",
         None,
         "Examples per synthetic epoch (default: ImageNet's).",
@@ -136,30 +126,6 @@ def define(fv: flags.FlagValues = FLAGS) -> None:
         ["dataset", "synthetic", "data_dir"],
         _data_dir_exists,
         "--data_dir does not exist (or is not a directory)",
-    )
-    _checks.multi(
-        fv,
-        ["resize_on_device", "preprocessing", "normalize_on_device", "synthetic", "dataset"],
-        lambda f: (
-            not f["resize_on_device"]
-            or (
-                f["preprocessing"] in data.DEVICE_RESIZE_MODES
-                and f["normalize_on_device"]
-                and not (f["synthetic"] or f["dataset"] == "synthetic")
-            )
-        ),
-        f"--resize_on_device needs --preprocessing in {', '.join(data.DEVICE_RESIZE_MODES)}, "
-        "--normalize_on_device and decoded images (not synthetic ones)",
-    )
-    _checks.multi(
-        fv,
-        ["resize_on_device", "image_size", "model"],
-        lambda f: (
-            not f["resize_on_device"]
-            or f["resize_on_device"] >= (f["image_size"] or models.default_image_size(f["model"]))
-        ),
-        "--resize_on_device (the canvas side) must be at least the image size (--image_size, "
-        "or the model's)",
     )
     _checks.multi(
         fv,
@@ -204,7 +170,6 @@ def build_input(
         mean=floats(f.mean),
         std=floats(f.std),
         normalize=not f.normalize_on_device,
-        resize_on_device=f.resize_on_device or None,
     )
     if source == "synthetic" and f.synthetic_examples:
         common["num_examples"] = f.synthetic_examples

@@ -100,8 +100,6 @@ def model_options(flag_values: flags.FlagValues = FLAGS) -> dict:
         none = flag_values.preprocessing == "none"
         mean, std = floats(flag_values.mean), floats(flag_values.std)
         options["normalize_input"] = (None, None) if none else (mean, std)
-    if flag_values.resize_on_device:
-        options["resize_input"] = flag_values.resize_on_device
     return options
 
 

@@ -11,7 +11,6 @@ from lars_tf.data.pipeline import SOURCES, InputSpec, build_dataset
 from lars_tf.data.preprocessing import (
     CIFAR10_MEAN_RGB,
     CIFAR10_STD_RGB,
-    DEVICE_RESIZE_MODES,
     IMAGENET_MEAN_RGB,
     IMAGENET_STD_RGB,
     MODES,
@@ -22,7 +21,6 @@ from lars_tf.data.preprocessing import (
 __all__ = [
     "CIFAR10_MEAN_RGB",
     "CIFAR10_STD_RGB",
-    "DEVICE_RESIZE_MODES",
     "IMAGENET_MEAN_RGB",
     "IMAGENET_STD_RGB",
     "MODES",

@@ -128,7 +128,7 @@ def _decode_counting_skips(
         dataset = dataset.concatenate(end)
     dataset = dataset.enumerate()
     base_seed = tf.constant(base_seed, tf.int64)
-    empty = (preprocessor.empty(), tf.constant(-1, tf.int32))
+    empty = (tf.zeros(preprocessor.output_shape, tf.uint8), tf.constant(-1, tf.int32))
 
     def decode(index, raw):
         encoded, label, bboxes = parse(*raw)
@@ -208,7 +208,6 @@ def build_dataset(
     labels_file: str | None = None,
     num_examples: int | None = None,
     normalize: bool = True,
-    resize_on_device: int | None = None,
 ) -> InputSpec:
     """Builds the input pipeline of one worker.
 
@@ -244,11 +243,6 @@ def build_dataset(
             batch); False delivers the uint8 images (0..255), for a model that normalises
             them on its own device (`lars_tf.models.build(..., normalize_input=(mean, std))`):
             the float work then leaves the CPU and a batch is a quarter of the bytes.
-        resize_on_device: None, or the side of the canvas each decoded image is placed on,
-            for a model that resizes and crops it on its device (`preprocessing` paper,
-            inception or eval; `normalize=False`; `lars_tf.models.build(...,
-            resize_input=...)`): the images are then `{"images": uint8 canvases, "geometry":
-            int32 [batch, 6]}` (`lars_tf.data.preprocessing`), the model's two inputs.
 
     Returns:
         An `InputSpec` with the dataset, the exact split size and the corrupt-image count.
@@ -269,12 +263,6 @@ def build_dataset(
         raise ValueError(f"shuffle_buffer must be a positive int, got {shuffle_buffer!r}")
     if num_examples is not None and source != "synthetic":
         raise ValueError(f"num_examples is only for source='synthetic', got source={source!r}")
-    if resize_on_device is not None and (normalize or source == "synthetic"):
-        raise ValueError(
-            "resize_on_device needs normalize=False (the model normalises after its resize) "
-            f"and decoded images (not source='synthetic'); got normalize={normalize}, "
-            f"source={source!r}"
-        )
     preprocessor = ImagePreprocessor(
         mode=preprocessing,
         is_training=is_training,
@@ -284,7 +272,6 @@ def build_dataset(
         mean=mean,
         std=std,
         dtype=dtype,
-        canvas=resize_on_device,
     )
     if deterministic and seed is None:
         seed = DEFAULT_SEED

@@ -14,15 +14,6 @@ Modes, each with a training and an evaluation form:
   evaluation: the resize only.
 - `none`: resize to `image_size` if needed, no normalisation (values 0..255).
 
-Resizing on the accelerator (`canvas`, modes `paper`, `inception` and `eval`): the host only
-decodes (the crop window where the mode allows it) and places the image in the top-left
-corner of a `canvas x canvas` uint8 array, with its geometry (its size, the side it is
-resized to, the window and the flip; `lars_tf.models.layers.GEOMETRY`); the model's first
-layer, `ResizeAndCrop`, computes the window of the bilinear resize there, rounded: the same
-pixels as this module's host modes give (tests/test_data.py). An image larger than
-the canvas is first shrunk to fit on the host (a second bilinear resize: its pixels are then
-not exactly the host mode's).
-
 Randomness uses stateless ops with a per-image seed, so a seeded pipeline gives the same
 augmentation whatever its parallelism. All modes but `none` then subtract the per-channel
 `mean` and divide by `std` (when given), and cast to the model's compute dtype.
@@ -49,8 +40,6 @@ CIFAR10_MEAN_RGB = (125.31, 122.95, 113.87)
 CIFAR10_STD_RGB = (62.99, 62.09, 66.70)
 
 MODES = ("paper", "inception", "eval", "cifar", "none")
-# The modes that can leave their resize to the accelerator (`ImagePreprocessor.canvas`).
-DEVICE_RESIZE_MODES = ("paper", "inception", "eval")
 # Standard evaluation crop: 224 of 256.
 CROP_FRACTION = 0.875
 CIFAR_PADDING = 4
@@ -213,31 +202,6 @@ def _paper_crop(encoded: tf.Tensor, window: tf.Tensor, resize_size: int, channel
     return image
 
 
-def _flip_bit(seed: tf.Tensor) -> tf.Tensor:
-    """1 where `tf.image.stateless_random_flip_left_right(image, seed)` mirrors, else 0."""
-    return tf.cast(tf.random.stateless_uniform([], seed) < 0.5, tf.int32)
-
-
-def _on_canvas(
-    image: tf.Tensor, canvas: int, resize: int, window: tf.Tensor, flip: tf.Tensor
-) -> dict[str, tf.Tensor]:
-    """`image` (uint8) in the top-left corner of a `canvas` square, with its geometry
-    (`lars_tf.models.layers.GEOMETRY`): resized to `resize` on the device, then the window at
-    `window`'s `(top, left)`, mirrored if `flip`. Shrunk to fit first if it is larger."""
-    shape = tf.shape(image)[:2]
-    fits = tf.reduce_all(shape <= canvas)
-    image = tf.cond(
-        fits,
-        lambda: image,
-        lambda: _to_uint8(tf.image.resize(image, tf.minimum(shape, canvas), method="bilinear")),
-    )
-    shape = tf.shape(image)[:2]
-    padded = tf.image.pad_to_bounding_box(image, 0, 0, canvas, canvas)
-    padded.set_shape([canvas, canvas, image.shape[-1]])
-    geometry = tf.stack([shape[0], shape[1], resize, window[0], window[1], flip])
-    return {"images": padded, "geometry": geometry}
-
-
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocessor:
     """Turns encoded image bytes into a model input; one instance per pipeline.
@@ -252,9 +216,6 @@ class ImagePreprocessor:
         mean: per-channel mean subtracted (length 1 or `channels`), None for none.
         std: per-channel divisor (length 1 or `channels`), None for none.
         dtype: output dtype or mixed-precision policy (its compute dtype is used).
-        canvas: None (resize on the host), or the side of the uint8 canvas `prepare` places
-            each decoded image on for `lars_tf.models.layers.ResizeAndCrop` to resize on the
-            accelerator (modes `paper`, `inception`, `eval`; see the module docstring).
     """
 
     mode: str
@@ -265,7 +226,6 @@ class ImagePreprocessor:
     mean: Sequence[float] | None = IMAGENET_MEAN_RGB
     std: Sequence[float] | None = None
     dtype: Any = "float32"
-    canvas: int | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -292,30 +252,10 @@ class ImagePreprocessor:
                     raise ValueError(f"std must be positive, got {value}")
                 object.__setattr__(self, name, value)
         object.__setattr__(self, "dtype", compute_dtype(self.dtype))
-        if self.canvas is not None:
-            if self.mode not in DEVICE_RESIZE_MODES:
-                raise ValueError(
-                    f"a canvas (resizing on the accelerator) is for preprocessing "
-                    f"{DEVICE_RESIZE_MODES}, not {self.mode!r}, which resizes on the host"
-                )
-            if not (isinstance(self.canvas, int) and self.canvas >= self.image_size):
-                raise ValueError(
-                    f"canvas must be an int >= image_size={self.image_size}, got {self.canvas!r}"
-                )
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        """The shape of the image the model sees (after `ResizeAndCrop` with a canvas)."""
         return (self.image_size, self.image_size, self.channels)
-
-    def empty(self) -> tf.Tensor | dict[str, tf.Tensor]:
-        """An example of `prepare`'s structure, all zeros."""
-        if self.canvas is None:
-            return tf.zeros(self.output_shape, tf.uint8)
-        return {
-            "images": tf.zeros([self.canvas, self.canvas, self.channels], tf.uint8),
-            "geometry": tf.zeros([6], tf.int32),  # lars_tf.models.layers.GEOMETRY
-        }
 
     def __call__(
         self, encoded: tf.Tensor, bboxes: tf.Tensor | None = None, seed: tf.Tensor | None = None
@@ -325,8 +265,6 @@ class ImagePreprocessor:
         Returns:
             `[image_size, image_size, channels]` tensor of `dtype`.
         """
-        if self.canvas is not None:
-            raise ValueError("with a canvas the model resizes and normalises: use `prepare`")
         return self.normalize(self.prepare(encoded, bboxes, seed))
 
     def prepare(
@@ -341,8 +279,7 @@ class ImagePreprocessor:
                 random mode.
 
         Returns:
-            `[image_size, image_size, channels]` uint8 tensor; with a canvas, `{"images":
-            [canvas, canvas, channels] uint8, "geometry": [6] int32}` (see `_on_canvas`).
+            `[image_size, image_size, channels]` uint8 tensor.
         """
         training = self.is_training and self.mode in ("paper", "inception", "cifar")
         if training and seed is None:
@@ -353,8 +290,6 @@ class ImagePreprocessor:
             else (None, None)
         )
         size, channels = self.image_size, self.channels
-        if self.canvas is not None:
-            return self._prepare_on_canvas(encoded, bboxes, crop_seed, flip_seed)
         if self.mode == "paper":
             window = paper_crop_window(self.resize_size, size, crop_seed if training else None)
             image = _paper_crop(encoded, window, self.resize_size, channels)
@@ -365,11 +300,11 @@ class ImagePreprocessor:
                 bboxes = tf.zeros([1, 0, 4], tf.float32)
             shape = _shape_of(encoded, channels)
             window = random_crop_window(shape, bboxes, crop_seed)
+            # Flipping the (uint8) crop before the resize equals flipping after it, up to
+            # float rounding: the half-pixel bilinear grid is mirror-symmetric.
             crop = decode_and_crop(encoded, window, channels, shape[1])
-            # Flipped after the resize, as `ResizeAndCrop` flips (before it, the half-pixel
-            # grid's mirror symmetry holds up to float rounding: a level apart at ties).
+            crop = tf.image.stateless_random_flip_left_right(crop, flip_seed)
             image = _to_uint8(_resize(crop, size))
-            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         elif self.mode in ("inception", "eval"):
             shape = _shape_of(encoded, channels)
             window = center_crop_window(shape, size, self.resize_size)
@@ -385,37 +320,6 @@ class ImagePreprocessor:
                 image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         image.set_shape(self.output_shape)
         return image
-
-    def _prepare_on_canvas(self, encoded, bboxes, crop_seed, flip_seed) -> dict[str, tf.Tensor]:
-        """`prepare` with the resize left to the device: each mode's decode (of the window
-        where the host mode decodes only the window) and its geometry."""
-        size, channels = self.image_size, self.channels
-        flip = tf.constant(0) if flip_seed is None else _flip_bit(flip_seed)
-        shape = _shape_of(encoded, channels)
-        if self.mode == "paper":
-            window = paper_crop_window(self.resize_size, size, crop_seed)
-            resize = self.resize_size
-            sized = tf.reduce_all(tf.equal(shape, resize))
-            # Stored at the resize's size: the window alone, which the device maps onto itself.
-            return tf.cond(
-                sized,
-                lambda: _on_canvas(
-                    decode_and_crop(encoded, window, channels, shape[1]),
-                    self.canvas,
-                    size,
-                    tf.zeros([2], tf.int32),
-                    flip,
-                ),
-                lambda: _on_canvas(decode(encoded, channels), self.canvas, resize, window, flip),
-            )
-        if self.mode == "inception" and crop_seed is not None:
-            if bboxes is None:
-                bboxes = tf.zeros([1, 0, 4], tf.float32)
-            window = random_crop_window(shape, bboxes, crop_seed)
-        else:
-            window = center_crop_window(shape, size, self.resize_size)
-        crop = decode_and_crop(encoded, window, channels, shape[1])
-        return _on_canvas(crop, self.canvas, size, tf.zeros([2], tf.int32), flip)
 
     def normalize(self, image: tf.Tensor) -> tf.Tensor:
         """Subtracts `mean`, divides by `std` (unless mode `none`), casts to `dtype`; for one

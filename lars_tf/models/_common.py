@@ -1,6 +1,5 @@
 """Argument handling shared by the model builders: data format, dtype policy, input shape,
-and the model input (float images, or uint8 images normalised, and optionally resized, on the
-model's device)."""
+and the model input (float images, or uint8 images normalised on the model's device)."""
 
 from __future__ import annotations
 
@@ -166,8 +165,7 @@ def model_input(
     data_format: str,
     policy: keras.DTypePolicy,
     normalize_input: tuple[Sequence[float] | None, Sequence[float] | None] | None,
-    resize_input: int | None = None,
-) -> tuple[keras.KerasTensor | dict[str, keras.KerasTensor], keras.KerasTensor]:
+) -> tuple[keras.KerasTensor, keras.KerasTensor]:
     """`(inputs, x)`: the model's `Input` and the tensor its first layer takes.
 
     Args:
@@ -180,15 +178,8 @@ def model_input(
             in its compute dtype (`input_normalization`, a `keras.layers.Normalization`), so
             that this float work runs on the accelerator and the input pipeline ships a
             quarter of the bytes (`lars_tf.data.build_dataset(normalize=False)`).
-        resize_input: None, or (with `normalize_input`, channels_last) the side of the uint8
-            canvases of `lars_tf.data.build_dataset(resize_on_device=...)`: the inputs are then
-            `{"images": [canvas, canvas, channels] uint8, "geometry": [6] int32}`, which the
-            first layer (`input_resize`, a `layers.ResizeAndCrop`) turns into `input_shape`
-            images before the normalisation, so that the resize runs on the accelerator too.
     """
     if normalize_input is None:
-        if resize_input is not None:
-            raise ValueError("resize_input needs normalize_input: the canvases are uint8")
         inputs = keras.Input(shape=input_shape, name="images")
         return inputs, inputs
     mean, std = normalize_input
@@ -204,29 +195,12 @@ def model_input(
 
     mean = per_channel(mean, 0.0, "mean")
     variance = [v * v for v in per_channel(std, 1.0, "std")]
-    if resize_input is None:
-        inputs = x = keras.Input(shape=input_shape, dtype="uint8", name="images")
-    else:
-        # Here, not at the top: layers imports this module.
-        from lars_tf.models.layers import GEOMETRY, ResizeAndCrop
-
-        height, width, _ = input_shape
-        if data_format != "channels_last" or height != width or resize_input < height:
-            raise ValueError(
-                f"resize_input={resize_input} needs a square channels_last input no larger "
-                f"than the canvas, got input_shape={input_shape} in {data_format}"
-            )
-        canvas = (resize_input, resize_input, channels)
-        inputs = {
-            "images": keras.Input(shape=canvas, dtype="uint8", name="images"),
-            "geometry": keras.Input(shape=(len(GEOMETRY),), dtype="int32", name="geometry"),
-        }
-        x = ResizeAndCrop(height, name="input_resize")([inputs["images"], inputs["geometry"]])
+    inputs = keras.Input(shape=input_shape, dtype="uint8", name="images")
     x = keras.layers.Normalization(
         axis=channel_axis(data_format),
         mean=mean,
         variance=variance,
         dtype=policy,
         name="input_normalization",
-    )(x)
+    )(inputs)
     return inputs, x

@@ -90,7 +90,6 @@ def alexnet(
     data_format: str | None = None,
     dtype: str | keras.DTypePolicy | None = None,
     normalize_input: tuple[Sequence[float] | None, Sequence[float] | None] | None = None,
-    resize_input: int | None = None,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-4,
     name: str = "alexnet",
@@ -118,8 +117,6 @@ def alexnet(
         normalize_input: None: float images, normalised by the input pipeline; or
             `(mean, std)`: uint8 images, normalised by the model's first layer (see
             `_common.model_input`).
-        resize_input: None, or the canvas side of uint8 images that the model resizes and
-            crops itself (see `_common.model_input`).
         bn_momentum: Keras batch-norm momentum (the authors' moving_average_fraction 0.9).
         bn_epsilon: Batch-norm epsilon (the authors' 1e-4).
         name: Model name.
@@ -232,9 +229,7 @@ def alexnet(
             return x
         return keras.layers.Dropout(dropout, dtype=policy, name=f"drop{index}")(x)
 
-    inputs, images = _common.model_input(
-        input_shape, data_format, policy, normalize_input, resize_input
-    )
+    inputs, images = _common.model_input(input_shape, data_format, policy, normalize_input)
     x = conv(images, "conv1", conv1_kernel_size, conv1_strides, conv1_padding)
     x = pool(lrn(relu(x, 1), 1), 1)
     x = conv(batch_norm(x, 2), "conv2", 5)

@@ -1,11 +1,9 @@
-"""The layers the reference models and their input need that Keras does not ship.
+"""The two layers the reference models need that Keras does not ship.
 
 - `LocalResponseNormalization`: Caffe's cross-channel LRN, used by BVLC AlexNet.
 - `ZeroPadShortcut`: the parameter-free "option A" shortcut of He et al.'s CIFAR ResNets.
-- `ResizeAndCrop`: the input pipeline's bilinear resize and crop, run on the accelerator
-  (`lars_tf.data.build_dataset(resize_on_device=...)`).
 
-All are written with `keras.ops` only and registered as serializable, so models that use
+Both are written with `keras.ops` only and registered as serializable, so models that use
 them save to and load from `.keras` files without `custom_objects`.
 """
 
@@ -157,85 +155,4 @@ class ZeroPadShortcut(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(filters=self.filters, strides=self.strides, data_format=self.data_format)
-        return config
-
-
-# The per-image geometry `ResizeAndCrop` reads, in this order (int32 each).
-GEOMETRY = ("height", "width", "resize", "top", "left", "flip")
-
-
-@keras.saving.register_keras_serializable(package="lars_tf")
-class ResizeAndCrop(keras.layers.Layer):
-    """Each image's resize and crop, as the input pipeline would have done it, on the device.
-
-    Inputs `(canvas, geometry)`: `canvas` uint8 `[batch, C, C, channels]`, each image in its
-    top-left `height x width` corner (zeros elsewhere); `geometry` int32 `[batch, 6]`, per
-    image `GEOMETRY`: its `height` and `width`, the side `resize` it is resized to (bilinear,
-    half-pixel centres: `tf.image.resize(image, [resize, resize])`), the `size x size` window
-    at `(top, left)` of that resized image, and `flip` 1 to mirror the window left-right.
-    Only the window's pixels are computed: each output pixel interpolates the 4 canvas pixels
-    TensorFlow's `ResizeBilinear` kernel reads for it, with its weights, and is rounded to an
-    integer as the host's resize rounds to uint8 (`lars_tf.data.preprocessing`), so the output
-    (float32) is the window of that kernel's rounded output, without the resized image.
-
-    The host then only decodes and pads (`lars_tf.data.preprocessing`), and the resize, about
-    as costly there as the decode, runs on the accelerator with the normalisation after it.
-
-    Args:
-        size: Side of the square output window.
-        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
-    """
-
-    def __init__(self, size: int, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        self.size = size
-
-    def _sample_points(self, extent, resize, offset, mirrored):
-        """Per image, the `size` sample positions along one axis: lower and upper source
-        indices and the weight of the upper, as `ResizeBilinear` (half-pixel) computes them."""
-        steps = ops.arange(self.size, dtype="int32")[None, :]
-        if mirrored is not None:
-            steps = ops.where(mirrored[:, None] > 0, self.size - 1 - steps, steps)
-        output_index = ops.cast(offset[:, None] + steps, "float32")
-        scale = ops.cast(extent, "float32") / ops.cast(resize, "float32")
-        position = (output_index + 0.5) * scale[:, None] - 0.5
-        below = ops.floor(position)
-        lower = ops.maximum(ops.cast(below, "int32"), 0)
-        upper = ops.minimum(ops.cast(ops.ceil(position), "int32"), extent[:, None] - 1)
-        return lower, upper, position - below
-
-    def call(self, inputs):
-        canvas, geometry = inputs
-        geometry = ops.cast(geometry, "int32")
-        height, width, resize, top, left, flip = (geometry[:, i] for i in range(len(GEOMETRY)))
-        batch = ops.shape(canvas)[0]
-        side, channels = canvas.shape[1], canvas.shape[3]
-        y0, y1, wy = self._sample_points(height, resize, top, None)
-        x0, x1, wx = self._sample_points(width, resize, left, flip)
-        pixels = ops.reshape(canvas, (-1, channels))
-        base = (ops.arange(batch, dtype="int32") * side * side)[:, None, None]
-
-        def corner(rows, columns):
-            index = base + rows[:, :, None] * side + columns[:, None, :]
-            values = ops.take(pixels, ops.reshape(index, (-1,)), axis=0)
-            return ops.cast(ops.reshape(values, (-1, self.size, self.size, channels)), "float32")
-
-        # ResizeBilinear's order of operations: along x on the two rows, then along y.
-        wx = wx[:, None, :, None]
-        top_left, bottom_left = corner(y0, x0), corner(y1, x0)
-        top_row = top_left + (corner(y0, x1) - top_left) * wx
-        bottom_row = bottom_left + (corner(y1, x1) - bottom_left) * wx
-        resized = top_row + (bottom_row - top_row) * wy[:, :, None, None]
-        # Rounded as the host's resize rounds to uint8: the model sees the same pixels.
-        return ops.floor(resized + 0.5)
-
-    def compute_output_shape(self, input_shape):
-        canvas_shape = input_shape[0]
-        return (canvas_shape[0], self.size, self.size, canvas_shape[3])
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.update(size=self.size)
         return config

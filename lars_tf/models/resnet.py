@@ -67,7 +67,6 @@ def resnet(
     data_format: str | None = None,
     dtype: str | keras.DTypePolicy | None = None,
     normalize_input: tuple[Sequence[float] | None, Sequence[float] | None] | None = None,
-    resize_input: int | None = None,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     name: str = "resnet50",
@@ -93,8 +92,6 @@ def resnet(
         normalize_input: None: float images, normalised by the input pipeline; or
             `(mean, std)`: uint8 images, normalised by the model's first layer (see
             `_common.model_input`).
-        resize_input: None, or the canvas side of uint8 images that the model resizes and
-            crops itself (see `_common.model_input`).
         bn_momentum: Keras batch-norm momentum (decay of the moving statistics).
         bn_epsilon: Batch-norm epsilon.
         name: Model name.
@@ -197,9 +194,7 @@ def resnet(
         y = keras.layers.Add(dtype=policy, name=f"res{block_id}")([identity, y])
         return relu(y, f"res{block_id}_relu")
 
-    inputs, images = _common.model_input(
-        input_shape, data_format, policy, normalize_input, resize_input
-    )
+    inputs, images = _common.model_input(input_shape, data_format, policy, normalize_input)
     if stem == "imagenet":
         x = conv(images, stage_filters[0], 7, 2, "conv1")
     else:

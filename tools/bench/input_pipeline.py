@@ -15,10 +15,6 @@ Pipelines reading the same train shards, interleaved round by round:
   corrupt-image counting): the preprocessing, apart from the pipeline around it;
 - the same images stored at 256 x 256 (`convert(..., resize=256)`, the paper's format): the
   paper's mode on them against the decoding of those same bytes.
-- each mode with its resize left to the accelerator (`build_dataset(...,
-  resize_on_device=512)`, train.py's `--resize_on_device`): the host decodes (the crop window
-  in the Inception mode) and places each image on a 512 x 512 uint8 canvas; the model's first
-  layer then resizes it on the accelerator, which this part does not time;
 - keras-cv's random-resized crop and flip (`RandomCropAndResize`, `RandomFlip`) as on-device
   augmentation of the uint8 batches `--normalize_on_device` ships, when keras-cv is installed
   (it is not a dependency): the host decodes the stored 256 x 256 images (the bare parallel
@@ -60,10 +56,6 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 # keras-cv's crop and flip of uint8 batches (the accelerator's work, here on the same CPU).
 KERAS_CV = "keras-cv crop + flip of uint8 batches"
 KERAS_CV_VS = "inception"
-# The resize left to the accelerator: the canvas side of `build_dataset(resize_on_device=)`,
-# enough for ImageNet's usual 500 x 375 originals.
-CANVAS = 512
-ON_DEVICE = f"resize on device ({CANVAS} x {CANVAS} canvas)"
 
 
 def prepare_tfrecords(
@@ -243,7 +235,6 @@ def _training_dataset(
     normalize: bool = False,
     shuffle_buffer: int | None = None,
     whole_decode: bool = False,
-    canvas: int | None = None,
 ):
     # normalize=False: train.py's default (--normalize_on_device), uint8 batches.
     crop = preprocessing._paper_crop
@@ -261,7 +252,6 @@ def _training_dataset(
             seed=0,
             normalize=normalize,
             shuffle_buffer=shuffle_buffer or shuffle_buffer_for(data_dir),
-            resize_on_device=canvas,
         )
     finally:
         preprocessing._paper_crop = crop
@@ -299,9 +289,6 @@ def run(
             tfrecord_dir, batch, mode, size, shuffle_buffer=pipeline.SHUFFLE_BUFFER
         )
         datasets[f"{mode} ({size} px), {BEFORE} ({FULL_BUFFER})"] = before.dataset
-        on_device = _training_dataset(tfrecord_dir, batch, mode, size, canvas=CANVAS)
-        specs[f"{mode}, {ON_DEVICE}"] = on_device
-        datasets[f"{mode} ({size} px), {ON_DEVICE}"] = on_device.dataset
         host = _training_dataset(tfrecord_dir, batch, mode, size, normalize=True)
         specs[f"{mode}, {HOST}"] = host
         datasets[f"{mode} ({size} px), {HOST}"] = host.dataset

@@ -245,36 +245,6 @@ def _part2(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _on_device_paragraph(r: Mapping[str, Any], find, paired) -> list[str]:
-    """What `--resize_on_device` gains, from this run's rows (none if it has no such rows)."""
-    excluded = ("alone", "as before", "decoded whole", "stored", "normalised")
-    figures = []
-    for mode in ("paper", "inception"):
-        device = find(f"{mode} (", "resize on device", exclude=excluded)
-        host = find(f"{mode} (", "px)", exclude=(*excluded, "resize on device"))
-        ratios = {k.split(" / limit")[0]: v for k, v in r["ratios"].items() if " / limit" in k}
-        if device is None or host is None or device not in ratios:
-            return []
-        figures.append((mode, _ratio(ratios[device]), paired(device, host)))
-    (_, paper, paper_gain), (_, inception, inception_gain) = figures
-    return [
-        "(3) The resize on the accelerator (`--resize_on_device`, rows `resize on device`): "
-        "the host decodes (the Inception crop's window only) and places each image in the "
-        "corner of a 512 x 512 uint8 canvas with its size, window and flip; the model's "
-        "first layer, `lars_tf.models.layers.ResizeAndCrop`, computes the window of the "
-        "bilinear resize (4 canvas pixels gathered per output pixel), the host's pixels "
-        "exactly (tests/test_data.py; a train.py run ends with the same weights, "
-        f"tests/test_train.py). The host then reaches {paper} (paper) and {inception} "
-        f"(Inception) of the decode-only limit, {paper_gain:.2f}x and {inception_gain:.2f}x "
-        "the images/s of the same modes resizing on the host, round by round. Not timed "
-        "here: the accelerator's resize (on this machine it would be the same CPU). Its "
-        "price is bytes: 786 KB per image on a 512 canvas, 5.2x a 224 x 224 image (0.8 GB/s "
-        "per accelerator at 1,000 images/s); images larger than the canvas are shrunk on the "
-        "host first, a second resize, so not the host mode's pixels.",
-        "",
-    ]
-
-
 def _part3(r: Mapping[str, Any]) -> list[str]:
     buffer = r.get("shuffle_buffer")
     lines = [
@@ -392,10 +362,26 @@ def _part3(r: Mapping[str, Any]) -> list[str]:
         "crop and 512 for the paper's resize to 256; ImageNet's average 400 x 350), so not "
         "added. What bounds the modes on original JPEGs: the bilinear resize (of the whole "
         "image to 256 x 256 in the paper's mode, of the crop to 224 x 224 in the Inception "
-        "mode), about as costly as the decode and part of the modes' definitions.",
+        "mode), about as costly as the decode and part of the modes' definitions. (3) Moving "
+        "that resize to the accelerator was built, measured, and not kept (2026-12-03, commit "
+        "b8b0bbc, reverted): the host decoded (the Inception crop's window only) and placed "
+        "each image in the corner of an N x N uint8 canvas with its size, window and flip, "
+        "and the model's first layer gathered the 4 source pixels of each output pixel with "
+        "`ResizeBilinear`'s weights, the host's pixels exactly (eager TensorFlow, JAX and "
+        "torch; a train.py run ended with the same weights). It loses on the host: shipping "
+        "a canvas costs more than the resize saves. With each image padded to a 512 canvas, "
+        "this part measured the paper mode at 0.455 [0.404, 0.485] and the Inception mode at "
+        "0.336 [0.312, 0.369] of the limit, 0.78x and 0.46x the images/s of resizing on the "
+        "host, in the same 5 rounds (load average below 2.5); padded to the batch's largest "
+        "image and then to the canvas once per batch, an exploratory run of 3 rounds of the "
+        "Inception mode measured 0.43 of the limit at 512 (0.72x the host's resize, round by "
+        "round) and 0.68 at 256 (1.18x, 1.01 to 1.34 over the rounds: but most Inception "
+        "crops of ImageNet's originals exceed 256 px and were shrunk on the host first, a "
+        "resize there after all and two in all), the host's resize 0.53. A 512 canvas is 5.2x the bytes of a 224 x 224 image, every one "
+        "written at least twice on the host (pad, batch); the resize it replaces is one "
+        "pass of TensorFlow's vectorised kernel over the smaller output.",
         "",
     ]
-    lines += _on_device_paragraph(r, find, paired)
     lines += [
         "Found and fixed before issue 21 (timing variants while writing this tool, stored "
         "images): the crop, flip and normalisation ran in float32 on every image, four times "
