@@ -375,11 +375,13 @@ def _part3(r: Mapping[str, Any]) -> list[str]:
         "host, in the same 5 rounds (load average below 2.5); padded to the batch's largest "
         "image and then to the canvas once per batch, an exploratory run of 3 rounds of the "
         "Inception mode measured 0.43 of the limit at 512 (0.72x the host's resize, round by "
-        "round) and 0.68 at 256 (1.18x, 1.01 to 1.34 over the rounds: but most Inception "
-        "crops of ImageNet's originals exceed 256 px and were shrunk on the host first, a "
-        "resize there after all and two in all), the host's resize 0.53. A 512 canvas is 5.2x the bytes of a 224 x 224 image, every one "
-        "written at least twice on the host (pad, batch); the resize it replaces is one "
-        "pass of TensorFlow's vectorised kernel over the smaller output.",
+        "round) and 0.68 at 256 (1.18x, 1.01 to 1.34 over the rounds; but a crop larger "
+        "than the canvas, about half of the Inception crops of a 400 x 350 original, is then "
+        "shrunk on the host first, a resize there after all and two in all), the host's "
+        "resize 0.53. A 512 canvas is 5.2x the bytes of a 224 x 224 image, written at least "
+        "twice on the host (pad, batch); the resize it replaces is one pass of TensorFlow's "
+        "vectorised kernel over the smaller output. Not checked: the layer compiled by XLA "
+        "(which may fuse its multiply-adds and round a tie a level apart) and on a GPU.",
         "",
     ]
     lines += [
